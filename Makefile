@@ -1,0 +1,38 @@
+# The two commands of README.md: `make demo` (the main job) and `make test` (the suite).
+# Both create .venv when it is missing and install everything the project needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONHASHSEED := 0
+
+.PHONY: setup demo test lint validate schema clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[site,scale,dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/vlmdefense validate
+	$(VENV)/bin/vlmdefense list
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks docs
+	$(VENV)/bin/ruff format --check src tests benchmarks docs
+
+validate: setup
+	$(VENV)/bin/vlmdefense validate
+
+schema: setup
+	$(VENV)/bin/vlmdefense schema --write
+
+clean:
+	rm -rf $(VENV) site .pytest_cache

@@ -1,0 +1,5 @@
+"""``python -m vlmdefense`` runs the CLI."""
+
+from vlmdefense.cli import main
+
+main()

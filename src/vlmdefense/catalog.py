@@ -1,0 +1,324 @@
+"""The catalog's schema: pydantic models of a defense entry and of the taxonomy.
+
+These models are the authority; ``catalog/schema.json`` is exported from them
+(:func:`entry_json_schema`) and a test fails when the exported file drifts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from fractions import Fraction
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+ID_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
+ARXIV_PATTERN = r"^(\d{4}\.\d{4,5}|[a-z\-]+(\.[A-Z]{2})?/\d{7})$"
+DOI_PATTERN = r"^10\.\d{4,9}/\S+$"
+URL_PATTERN = r"^https?://[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:\d+)?(/\S*)?$"
+
+Percent = Annotated[float, Field(ge=0, le=100, description="accuracy in percent, 0-100")]
+Url = Annotated[str, Field(pattern=URL_PATTERN, description="an http(s) URL")]
+MethodId = Annotated[str, Field(pattern=ID_PATTERN, description="lowercase id, words joined by '-'")]
+Text = Annotated[str, Field(min_length=1)]
+
+
+class StrictModel(BaseModel):
+    """Base: unknown fields are errors, strings are stripped, no silent type coercion of bools."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+
+
+class Paradigm(str, Enum):
+    """The three paradigms of adversarial defense for vision-language models."""
+
+    TRAINING_TIME = "training-time"
+    TEST_TIME_ADAPTATION = "test-time-adaptation"
+    TRAINING_FREE = "training-free"
+
+
+class Norm(str, Enum):
+    """Perturbation norm of a threat model."""
+
+    LINF = "linf"
+    L2 = "l2"
+    L1 = "l1"
+    L0 = "l0"
+    UNBOUNDED = "unbounded"
+
+
+class CostLevel(str, Enum):
+    """Overall extra cost over the undefended model."""
+
+    NONE = "none"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+class ReproductionStatus(str, Enum):
+    """How far this project has reproduced the method."""
+
+    REPRODUCED = "reproduced"
+    PARTIAL = "partial"
+    PLANNED = "planned"
+    NONE = "none"
+
+
+_FRACTION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*$")
+
+
+def parse_epsilon(raw: Any) -> tuple[float, str]:
+    """Parse an ε written ``4/255``, ``"0.5"`` or ``0.0157`` into ``(value, display)``.
+
+    Raises:
+        ValueError: the value is not a fraction or a non-negative number.
+    """
+    if isinstance(raw, bool):
+        raise ValueError(f"cannot parse epsilon {raw!r}: write it as '4/255' or a number")
+    if isinstance(raw, int | float):
+        value = float(raw)
+        display = _display_for(value)
+    elif isinstance(raw, str):
+        match = _FRACTION.match(raw)
+        if match:
+            num, den = float(match.group(1)), float(match.group(2))
+            if den == 0:
+                raise ValueError(f"cannot parse epsilon {raw!r}: division by zero")
+            value, display = num / den, f"{match.group(1)}/{match.group(2)}"
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"cannot parse epsilon {raw!r}: write it as '4/255' or a number") from None
+            display = _display_for(value)
+    else:
+        raise ValueError(f"cannot parse epsilon {raw!r}: write it as '4/255' or a number")
+    if value < 0 or value != value:
+        raise ValueError(f"epsilon must be a non-negative number, got {raw!r}")
+    return value, display
+
+
+def _display_for(value: float) -> str:
+    """``4/255`` when ``value`` is a whole multiple of 1/255, else the number itself."""
+    frac = Fraction(value).limit_denominator(255)
+    if frac.denominator == 255 and abs(float(frac) - value) < 1e-9:
+        return f"{frac.numerator}/255"
+    if value and abs(value * 255 - round(value * 255)) < 1e-6:
+        return f"{round(value * 255)}/255"
+    return f"{value:g}"
+
+
+class Epsilon(StrictModel):
+    """A perturbation budget stored structured: its value and how it is displayed.
+
+    In YAML write ``eps: 4/255`` or ``eps: 0.0157``; the norm is the sibling field ``norm``.
+    """
+
+    value: float = Field(ge=0, description="the budget as a float (on [0, 1] pixels for linf)")
+    display: str = Field(description="human form, e.g. '4/255'")
+
+
+def _to_epsilon(raw: Any) -> Any:
+    if isinstance(raw, dict | Epsilon):
+        return raw
+    value, display = parse_epsilon(raw)
+    return {"value": value, "display": display}
+
+
+EpsilonField = Annotated[
+    Epsilon,
+    BeforeValidator(_to_epsilon, json_schema_input_type=str | float | Epsilon),
+    Field(description="'4/255', a float, or {value, display}"),
+]
+
+
+class Links(StrictModel):
+    """Where to read the paper and its code."""
+
+    arxiv: str | None = Field(None, pattern=ARXIV_PATTERN, description="arXiv id, e.g. 2212.07016")
+    doi: str | None = Field(None, pattern=DOI_PATTERN, description="DOI, e.g. 10.1109/CVPR.2024.1")
+    paper: Url | None = Field(None, description="the published paper (proceedings page)")
+    openreview: Url | None = None
+    code: Url | None = Field(None, description="official code repository")
+    project: Url | None = Field(None, description="project page")
+
+
+class Assumptions(StrictModel):
+    """What the defense needs and changes; the last three flags decide how it must be evaluated."""
+
+    modifies_weights: bool = Field(description="the model's weights are changed")
+    needs_labels: bool = Field(description="labelled data is needed (for training or adaptation)")
+    training_data: str = Field(description="what data trains it ('none' for training-free)")
+    test_time_gradients: bool = Field(description="gradients are computed at inference")
+    needs_clean_reference: bool = Field(
+        description="needs clean data or the original model's clean outputs as a reference"
+    )
+    needs_text_encoder: bool = Field(True, description="uses the text encoder (class prompts)")
+    randomized: bool = Field(description="the prediction is random (noise, augmentations)")
+    inference_time_optimization: bool = Field(description="optimises something (input, prompt, weights) per test input")
+    non_differentiable: bool = Field(
+        description="contains a non-differentiable step (e.g. JPEG, quantisation, diffusion sampling)"
+    )
+
+    @property
+    def needs_adaptive_evaluation(self) -> bool:
+        """RobustBench/AutoAttack rule: such defenses are unranked without an adaptive attack."""
+        return self.randomized or self.inference_time_optimization or self.non_differentiable
+
+
+class Cost(StrictModel):
+    """What the defense costs over the undefended model."""
+
+    training: str = Field(description="what is trained and how much, as the paper states it")
+    inference: str = Field(description="extra work per image at inference")
+    extra_forward_passes: float | None = Field(None, ge=0, description="per image, at inference")
+    extra_backward_passes: float | None = Field(None, ge=0, description="per image, at inference")
+    relative_latency: float | None = Field(None, gt=0, description="inference time ÷ undefended")
+    level: CostLevel
+
+
+class ThreatModel(StrictModel):
+    """The attacks the paper defends against and evaluates with."""
+
+    norms: list[Norm] = Field(min_length=1)
+    eps: list[EpsilonField] = Field(min_length=1, description="budgets: '1/255', '4/255' or floats")
+    attacks: list[Text] = Field(min_length=1, description="e.g. PGD-10, APGD-CE, AutoAttack, CW")
+    adaptive_attacks_evaluated: bool = Field(False, description="the paper attacks the full defended pipeline")
+
+
+class Targets(StrictModel):
+    """Which models and tasks the defense is for."""
+
+    models: list[Text] = Field(min_length=1, description="e.g. CLIP ViT-B/32, LLaVA-1.5")
+    tasks: list[Text] = Field(min_length=1, description="e.g. zero-shot classification, VQA")
+
+
+class Reported(StrictModel):
+    """One number the paper reports, with its exact setting."""
+
+    setting: Text = Field(description="what the numbers average over, in the paper's words")
+    model: Text
+    dataset: Text = Field(description="dataset or average over datasets")
+    attack: Text = Field(description="attack and steps, e.g. 'PGD-100'")
+    norm: Norm = Norm.LINF
+    eps: EpsilonField
+    samples: int | None = Field(None, gt=0, description="test images per dataset, if stated")
+    clean: Percent | None = None
+    robust: Percent | None = None
+    source: Text = Field(description="table or figure of the paper, e.g. 'Table 1'")
+
+    @model_validator(mode="after")
+    def _has_a_number(self) -> Reported:
+        if self.clean is None and self.robust is None:
+            raise ValueError("give at least one of clean or robust")
+        return self
+
+
+class Reproduction(StrictModel):
+    """This project's reproduction of the method."""
+
+    notebook: str | None = Field(None, description="path from the repository root, e.g. notebooks/tecoa.ipynb")
+    status: ReproductionStatus = ReproductionStatus.NONE
+    deviations: list[Text] = Field(default_factory=list, description="differences from the paper")
+
+    @model_validator(mode="after")
+    def _notebook_for_status(self) -> Reproduction:
+        if self.status in {ReproductionStatus.REPRODUCED, ReproductionStatus.PARTIAL} and not self.notebook:
+            raise ValueError(f"status {self.status.value!r} needs a notebook")
+        return self
+
+
+class Entry(StrictModel):
+    """One adversarial defense of vision-language models."""
+
+    id: MethodId
+    name: Text = Field(description="short name or acronym, e.g. TeCoA")
+    title: Text = Field(description="the paper's title as published")
+    authors: list[Text] = Field(min_length=1, description="as listed in the paper")
+    year: int = Field(ge=2015, le=2100)
+    venue: Text = Field(description="as published, e.g. 'ICLR 2023'; 'arXiv' when unpublished")
+    links: Links
+    paradigm: Paradigm
+    family: MethodId
+    summary: Text = Field(description="what it does, in our own words")
+    mechanism: Text = Field(description="how it works, in our own words")
+    assumptions: Assumptions
+    cost: Cost
+    threat_model: ThreatModel
+    targets: Targets
+    reported: list[Reported] = Field(default_factory=list)
+    sources: list[Url] = Field(min_length=1, description="every URL the facts were checked against")
+    reproduction: Reproduction = Field(default_factory=Reproduction)
+    limitations: list[Text] = Field(default_factory=list)
+    related: list[MethodId] = Field(default_factory=list, description="ids of related entries")
+
+    @field_validator("related")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists an id more than once")
+        return value
+
+    @property
+    def needs_adaptive_evaluation(self) -> bool:
+        """Whether this entry is unranked until an adaptive attack evaluated it."""
+        return self.assumptions.needs_adaptive_evaluation
+
+
+class Family(StrictModel):
+    """A family of methods within a paradigm."""
+
+    id: MethodId
+    name: Text
+    description: Text
+
+
+class ParadigmInfo(StrictModel):
+    """A paradigm of the taxonomy with its families."""
+
+    id: Paradigm
+    name: Text
+    description: Text
+    families: list[Family] = Field(min_length=1)
+
+
+class Taxonomy(StrictModel):
+    """``catalog/taxonomy.yaml``: paradigms → families."""
+
+    paradigms: list[ParadigmInfo] = Field(min_length=1)
+
+    def families_of(self, paradigm: Paradigm | str) -> dict[str, Family]:
+        """The families of ``paradigm`` by id."""
+        key = Paradigm(paradigm)
+        for info in self.paradigms:
+            if info.id == key:
+                return {f.id: f for f in info.families}
+        return {}
+
+    def paradigm_of_family(self, family: str) -> Paradigm | None:
+        """The paradigm a family id belongs to, if any."""
+        for info in self.paradigms:
+            if any(f.id == family for f in info.families):
+                return info.id
+        return None
+
+    def paradigm(self, paradigm: Paradigm | str) -> ParadigmInfo:
+        """The paradigm's description."""
+        key = Paradigm(paradigm)
+        return next(info for info in self.paradigms if info.id == key)
+
+
+def entry_json_schema() -> dict[str, Any]:
+    """JSON Schema of a catalog entry (the content of ``catalog/schema.json``)."""
+    schema = Entry.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://vlmdefense.github.io/atlas/schema.json"
+    return schema
+
+
+def schema_text() -> str:
+    """The exact text of ``catalog/schema.json``."""
+    return json.dumps(entry_json_schema(), indent=2, ensure_ascii=False) + "\n"

@@ -1,0 +1,298 @@
+"""Load and validate the whole catalog, collecting every problem with its file, line and field."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from vlmdefense.catalog import Entry, Paradigm, Taxonomy
+from vlmdefense.problems import Problem, ProblemsError, display_path
+from vlmdefense.yaml_source import Loc, YamlDocument, load_yaml_mapping
+
+logger = logging.getLogger(__name__)
+
+TAXONOMY_FILE = "taxonomy.yaml"
+ALLOWED_TOP_LEVEL = {TAXONOMY_FILE, "schema.json", "README.md"}
+PLACEHOLDER = "TODO"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A validated entry and the document it came from (for line numbers)."""
+
+    entry: Entry
+    doc: YamlDocument
+
+    @property
+    def path(self) -> Path:
+        """The entry's YAML file."""
+        return self.doc.path
+
+
+@dataclass
+class Catalog:
+    """The taxonomy and all valid entries of a catalog directory."""
+
+    root: Path
+    taxonomy: Taxonomy
+    items: dict[str, CatalogEntry] = field(default_factory=dict)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """All entries, sorted by paradigm (taxonomy order), then name."""
+        order = {info.id: i for i, info in enumerate(self.taxonomy.paradigms)}
+        return sorted(
+            (item.entry for item in self.items.values()),
+            key=lambda e: (order.get(e.paradigm, 99), e.name.lower()),
+        )
+
+    def get(self, method_id: str) -> Entry:
+        """The entry with ``method_id``.
+
+        Raises:
+            KeyError: with a did-you-mean message when the id is unknown.
+        """
+        if method_id in self.items:
+            return self.items[method_id].entry
+        raise KeyError(unknown_id_message(method_id, list(self.items)))
+
+
+def unknown_id_message(method_id: str, known: list[str]) -> str:
+    """``no method 'x' in the catalog (did you mean 'y'?)``."""
+    close = difflib.get_close_matches(method_id, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"no method {method_id!r} in the catalog{hint}"
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``annotation`` (through Optional, list, Annotated), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _model_class(typing.get_args(annotation)[0])
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_class(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
+    """Names of the fields allowed at ``loc`` inside ``model`` (for did-you-mean hints)."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None:
+            return []
+        if isinstance(part, int):
+            continue
+        info = current.model_fields.get(part)
+        current = _model_class(info.annotation) if info is not None else None
+    return list(current.model_fields) if current is not None else []
+
+
+def _message(error: dict[str, Any], model: type[BaseModel]) -> str:
+    kind = error["type"]
+    loc = tuple(error["loc"])
+    if kind == "missing":
+        return "field required"
+    if kind == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+        return f"unknown field{hint}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if "input" in error and kind not in {"model_type", "dict_type"}:
+        shown = repr(error["input"])
+        if len(shown) <= 60:
+            message += f" (got {shown})"
+    return message
+
+
+def problems_from_validation(exc: ValidationError, doc: YamlDocument, model: type[BaseModel]) -> list[Problem]:
+    """Turn a pydantic error into one located problem per failing field."""
+    problems = []
+    for error in exc.errors():
+        loc: Loc = tuple(error["loc"])
+        problems.append(doc.problem(loc, _message(error, model)))
+    return problems
+
+
+def _placeholders(data: Any, loc: Loc = ()) -> list[Loc]:
+    if isinstance(data, str):
+        return [loc] if PLACEHOLDER in data else []
+    if isinstance(data, dict):
+        return [hit for key, value in data.items() for hit in _placeholders(value, (*loc, key))]
+    if isinstance(data, list):
+        return [hit for i, value in enumerate(data) for hit in _placeholders(value, (*loc, i))]
+    return []
+
+
+def validate_document(doc: YamlDocument, model: type[BaseModel]) -> tuple[Any, list[Problem]]:
+    """Validate a loaded document against ``model``; also rejects TODO placeholders."""
+    problems = [doc.problem(loc, f"placeholder {PLACEHOLDER!r} must be replaced") for loc in _placeholders(doc.data)]
+    try:
+        value = model.model_validate(doc.data)
+    except ValidationError as exc:
+        return None, problems + problems_from_validation(exc, doc, model)
+    return (value if not problems else None), problems
+
+
+def load_taxonomy(root: Path) -> Taxonomy:
+    """Load ``root/taxonomy.yaml``.
+
+    Raises:
+        ProblemsError: the file is missing or invalid.
+    """
+    path = root / TAXONOMY_FILE
+    if not path.is_file():
+        raise ProblemsError([Problem(display_path(path), 1, "-", "taxonomy file not found")])
+    doc = load_yaml_mapping(path)
+    taxonomy, problems = validate_document(doc, Taxonomy)
+    if problems:
+        raise ProblemsError(problems)
+    return taxonomy
+
+
+def _entry_files(root: Path) -> tuple[list[Path], list[Problem]]:
+    files: list[Path] = []
+    problems: list[Problem] = []
+    paradigms = {p.value for p in Paradigm}
+    for child in sorted(root.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            if child.name not in paradigms:
+                problems.append(
+                    Problem(
+                        display_path(child),
+                        1,
+                        "-",
+                        f"unknown paradigm folder (expected one of: {', '.join(sorted(paradigms))})",
+                    )
+                )
+            for path in sorted(child.iterdir()):
+                if path.suffix == ".yaml":
+                    files.append(path)
+                elif not path.name.startswith("."):
+                    problems.append(Problem(display_path(path), 1, "-", "not a catalog entry: entries end in .yaml"))
+        elif child.name not in ALLOWED_TOP_LEVEL:
+            problems.append(
+                Problem(
+                    display_path(child), 1, "-", "entries belong in a paradigm folder: catalog/<paradigm>/<id>.yaml"
+                )
+            )
+    return files, problems
+
+
+def _check_placement(item: CatalogEntry, taxonomy: Taxonomy | None) -> list[Problem]:
+    entry, doc = item.entry, item.doc
+    problems = []
+    if entry.id != doc.path.stem:
+        problems.append(doc.problem(("id",), f"id {entry.id!r} differs from the file name {doc.path.stem!r}"))
+    if doc.path.parent.name != entry.paradigm.value:
+        problems.append(
+            doc.problem(
+                ("paradigm",),
+                f"entry of paradigm {entry.paradigm.value!r} is in folder "
+                f"{doc.path.parent.name!r}: move it to catalog/{entry.paradigm.value}/",
+            )
+        )
+    if taxonomy is not None:
+        families = taxonomy.families_of(entry.paradigm)
+        if entry.family not in families:
+            owner = taxonomy.paradigm_of_family(entry.family)
+            if owner is not None:
+                message = f"family {entry.family!r} belongs to paradigm {owner.value!r}, not {entry.paradigm.value!r}"
+            else:
+                close = difflib.get_close_matches(entry.family, list(families), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"one of: {', '.join(families)}"
+                message = f"unknown family {entry.family!r} ({hint})"
+            problems.append(doc.problem(("family",), message))
+    return problems
+
+
+def _check_references(items: dict[str, CatalogEntry], repo_root: Path) -> list[Problem]:
+    problems = []
+    for item in items.values():
+        entry, doc = item.entry, item.doc
+        for index, other in enumerate(entry.related):
+            loc: Loc = ("related", index)
+            if other == entry.id:
+                problems.append(doc.problem(loc, "an entry cannot be related to itself"))
+            elif other not in items:
+                problems.append(doc.problem(loc, unknown_id_message(other, list(items))))
+            elif entry.id not in items[other].entry.related:
+                problems.append(
+                    doc.problem(
+                        loc,
+                        f"{other!r} does not list {entry.id!r} back under related "
+                        "(related entries are linked both ways)",
+                    )
+                )
+        notebook = entry.reproduction.notebook
+        if notebook is not None and not (repo_root / notebook).is_file():
+            problems.append(doc.problem(("reproduction", "notebook"), f"notebook {notebook!r} not found"))
+    return problems
+
+
+def load_catalog(root: Path) -> tuple[Catalog | None, list[Problem]]:
+    """Load and validate every file of the catalog at ``root``.
+
+    Returns:
+        The catalog of valid entries (``None`` when the taxonomy itself is broken) and every problem
+        found, sorted by file and line. Validation never stops at the first problem.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None, [Problem(display_path(root), 1, "-", "catalog directory not found")]
+    problems: list[Problem] = []
+    taxonomy: Taxonomy | None
+    try:
+        taxonomy = load_taxonomy(root)
+    except ProblemsError as exc:
+        taxonomy, problems = None, list(exc.problems)
+    files, found = _entry_files(root)
+    problems += found
+    items: dict[str, CatalogEntry] = {}
+    for path in files:
+        try:
+            doc = load_yaml_mapping(path)
+        except ProblemsError as exc:
+            problems += exc.problems
+            continue
+        entry, found = validate_document(doc, Entry)
+        problems += found
+        if entry is None:
+            continue
+        item = CatalogEntry(entry, doc)
+        problems += _check_placement(item, taxonomy)
+        if entry.id in items:
+            first = display_path(items[entry.id].path)
+            problems.append(doc.problem(("id",), f"duplicate id {entry.id!r} (also in {first})"))
+            continue
+        items[entry.id] = item
+    problems += _check_references(items, root.resolve().parent)
+    logger.debug("validated %d files, %d problems", len(files), len(problems))
+    catalog = Catalog(root=root, taxonomy=taxonomy, items=items) if taxonomy is not None else None
+    return catalog, sorted(set(problems))
+
+
+def load_valid_catalog(root: Path) -> Catalog:
+    """Load the catalog, raising on any problem.
+
+    Raises:
+        ProblemsError: the catalog holds at least one problem.
+    """
+    catalog, problems = load_catalog(root)
+    if problems or catalog is None:
+        raise ProblemsError(problems)
+    return catalog

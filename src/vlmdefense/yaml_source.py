@@ -1,0 +1,117 @@
+"""Safe YAML loading that remembers the line of every key and list item.
+
+Only YAML's standard tags are accepted (``yaml.SafeLoader``): a tag that would construct a Python
+object is rejected as an error, never executed. Duplicate keys are errors too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmdefense.problems import Problem, ProblemsError, display_path
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass
+class YamlDocument:
+    """A parsed YAML mapping plus the 1-based line of every location in it."""
+
+    path: Path
+    data: dict[str, Any]
+    lines: dict[Loc, int] = field(default_factory=dict)
+
+    def line_of(self, loc: Loc) -> int:
+        """Line of ``loc``, or of its nearest enclosing location that has one."""
+        for end in range(len(loc), -1, -1):
+            line = self.lines.get(tuple(loc[:end]))
+            if line is not None:
+                return line
+        return 1
+
+    def problem(self, loc: Loc, message: str) -> Problem:
+        """A :class:`Problem` located at ``loc`` in this document."""
+        return Problem(display_path(self.path), self.line_of(loc), format_loc(loc), message)
+
+
+def format_loc(loc: Loc) -> str:
+    """``("reported", 2, "eps")`` → ``reported[2].eps``; an empty location → ``-``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "-"
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            lines[(*loc, key)] = key_node.start_mark.line + 1
+            _record_lines(value_node, (*loc, key), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _record_lines(item, (*loc, index), lines)
+
+
+def load_yaml_mapping(path: Path) -> YamlDocument:
+    """Load ``path`` as a YAML mapping with line numbers.
+
+    Raises:
+        ProblemsError: the file is unreadable, not UTF-8, not valid YAML, uses a non-standard tag,
+            has a duplicate key, is empty, or its top level is not a mapping.
+    """
+    shown = display_path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ProblemsError([Problem(shown, 1, "-", f"cannot read file: {exc.strerror}")]) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        message = f"file is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        raise ProblemsError([Problem(shown, line, "-", message)]) from exc
+    loader = _StrictSafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        message = " ".join(str(exc.problem or exc).split())
+        if "could not determine a constructor" in message:
+            message = f"tag not allowed (only plain YAML is accepted): {message}"
+        raise ProblemsError([Problem(shown, line, "-", f"invalid YAML: {message}")]) from exc
+    except yaml.YAMLError as exc:
+        raise ProblemsError([Problem(shown, 1, "-", f"invalid YAML: {exc}")]) from exc
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ProblemsError([Problem(shown, 1, "-", "file is empty: expected a YAML mapping")])
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"
+        raise ProblemsError([Problem(shown, node.start_mark.line + 1, "-", f"top level must be a mapping, got {kind}")])
+    lines: dict[Loc, int] = {}
+    _record_lines(node, (), lines)
+    return YamlDocument(path=path, data=data, lines=lines)
