@@ -142,7 +142,17 @@ def validate_document(doc: YamlDocument, model: type[BaseModel]) -> tuple[Any, l
     try:
         value = model.model_validate(doc.data)
     except ValidationError as exc:
-        return None, problems + problems_from_validation(exc, doc, model)
+        as_text = [
+            tuple(e["loc"])
+            for e in exc.errors()
+            if e["type"] == "string_type" and tuple(e["loc"]) in doc.numbers_as_text
+        ]
+        if not as_text:
+            return None, problems + problems_from_validation(exc, doc, model)
+        try:
+            value = model.model_validate(doc.with_text_at(as_text))
+        except ValidationError as again:
+            return None, problems + problems_from_validation(again, doc, model)
     return (value if not problems else None), problems
 
 
@@ -263,6 +273,7 @@ def load_catalog(root: Path) -> tuple[Catalog | None, list[Problem]]:
     files, found = _entry_files(root)
     problems += found
     items: dict[str, CatalogEntry] = {}
+    by_id: dict[str, list[CatalogEntry]] = {}
     for path in files:
         try:
             doc = load_yaml_mapping(path)
@@ -275,11 +286,13 @@ def load_catalog(root: Path) -> tuple[Catalog | None, list[Problem]]:
             continue
         item = CatalogEntry(entry, doc)
         problems += _check_placement(item, taxonomy)
-        if entry.id in items:
-            first = display_path(items[entry.id].path)
-            problems.append(doc.problem(("id",), f"duplicate id {entry.id!r} (also in {first})"))
-            continue
-        items[entry.id] = item
+        by_id.setdefault(entry.id, []).append(item)
+    for method_id, same in by_id.items():
+        items[method_id] = same[0]
+        if len(same) > 1:
+            for item in same:
+                others = ", ".join(display_path(o.path) for o in same if o is not item)
+                problems.append(item.doc.problem(("id",), f"duplicate id {method_id!r} (also in {others})"))
     problems += _check_references(items, root.resolve().parent)
     logger.debug("validated %d files, %d problems", len(files), len(problems))
     catalog = Catalog(root=root, taxonomy=taxonomy, items=items) if taxonomy is not None else None

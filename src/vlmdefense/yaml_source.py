@@ -6,6 +6,7 @@ object is rejected as an error, never executed. Duplicate keys are errors too.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,20 @@ class YamlDocument:
     path: Path
     data: dict[str, Any]
     lines: dict[Loc, int] = field(default_factory=dict)
+    numbers_as_text: dict[Loc, str] = field(default_factory=dict)
+
+    def with_text_at(self, locs: list[Loc]) -> dict[str, Any]:
+        """A copy of the data where the numbers at ``locs`` are replaced by their source text.
+
+        YAML reads ``arxiv: 2212.07010`` as the float 2212.0701; a string field wants the text.
+        """
+        data: Any = copy.deepcopy(self.data)
+        for loc in locs:
+            target = data
+            for part in loc[:-1]:
+                target = target[part]
+            target[loc[-1]] = self.numbers_as_text[loc]
+        return data
 
     def line_of(self, loc: Loc) -> int:
         """Line of ``loc``, or of its nearest enclosing location that has one."""
@@ -62,16 +77,21 @@ class _StrictSafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _record_lines(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
-    lines.setdefault(loc, node.start_mark.line + 1)
+_NUMBER_TAGS = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+
+
+def _record_lines(node: yaml.Node, loc: Loc, doc: YamlDocument) -> None:
+    doc.lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
-            lines[(*loc, key)] = key_node.start_mark.line + 1
-            _record_lines(value_node, (*loc, key), lines)
+            doc.lines[(*loc, key)] = key_node.start_mark.line + 1
+            _record_lines(value_node, (*loc, key), doc)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _record_lines(item, (*loc, index), lines)
+            _record_lines(item, (*loc, index), doc)
+    elif isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS:
+        doc.numbers_as_text[loc] = node.value
 
 
 def load_yaml_mapping(path: Path) -> YamlDocument:
@@ -112,6 +132,6 @@ def load_yaml_mapping(path: Path) -> YamlDocument:
     if not isinstance(data, dict):
         kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"
         raise ProblemsError([Problem(shown, node.start_mark.line + 1, "-", f"top level must be a mapping, got {kind}")])
-    lines: dict[Loc, int] = {}
-    _record_lines(node, (), lines)
-    return YamlDocument(path=path, data=data, lines=lines)
+    doc = YamlDocument(path=path, data=data)
+    _record_lines(node, (), doc)
+    return doc

@@ -1,0 +1,313 @@
+"""Every kind of bad catalog input is reported as ``path:line: field: message``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import VALID_ENTRY, write_entry
+from vlmdefense.problems import Problem
+from vlmdefense.validation import load_catalog
+
+
+def valid_text(method_id: str = "example", related: str = "[]") -> str:
+    return VALID_ENTRY.format(id=method_id, related=related)
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based line of the first line containing ``needle``."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in text")
+
+
+def problems_in(root: Path, name: str) -> list[Problem]:
+    _, problems = load_catalog(root)
+    return [p for p in problems if p.path.endswith(name)]
+
+
+def single(root: Path, name: str) -> Problem:
+    found = problems_in(root, name)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_valid_catalog_has_no_problems(catalog_dir: Path) -> None:
+    catalog, problems = load_catalog(catalog_dir)
+    assert problems == []
+    entry = catalog.get("example")
+    assert entry.reported[0].eps.display == "1/255"
+    assert entry.reported[0].eps.value == pytest.approx(1 / 255)
+    assert entry.reported[0].norm.value == "linf"
+    assert [e.display for e in entry.threat_model.eps] == ["1/255", "4/255"]
+
+
+def test_problem_prints_as_path_line_field_message() -> None:
+    assert str(Problem("catalog/x.yaml", 12, "cost.inference", "field required")) == (
+        "catalog/x.yaml:12: cost.inference: field required"
+    )
+
+
+def test_invalid_yaml(catalog_dir: Path) -> None:
+    text = valid_text().replace("name: Example", "name: [Example")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert problem.field == "-"
+    assert "invalid YAML" in problem.message
+    assert problem.line >= line_of(text, "name: [Example")
+
+
+def test_top_level_not_a_mapping(catalog_dir: Path) -> None:
+    write_entry(catalog_dir, text="\n- id: example\n- name: x\n")
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (2, "-")
+    assert "top level must be a mapping, got a list" in problem.message
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_empty_file(catalog_dir: Path, text: str) -> None:
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (1, "-")
+    assert "empty" in problem.message
+
+
+def test_not_utf8(catalog_dir: Path) -> None:
+    path = write_entry(catalog_dir)
+    data = valid_text().encode("utf-8").replace(b"Ada Lovelace", b"Ada Lovel\xe9ce")
+    path.write_bytes(data)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(valid_text(), "Ada Lovelace"), "-")
+    assert "not UTF-8" in problem.message
+
+
+def test_missing_required_field(catalog_dir: Path) -> None:
+    text = valid_text().replace("  level: low\n", "")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field, problem.message) == (line_of(text, "cost:"), "cost.level", "field required")
+
+
+def test_missing_top_level_field(catalog_dir: Path) -> None:
+    text = valid_text().replace("mechanism: Fine-tunes nothing; it only exists to be validated.\n", "")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field, problem.message) == (1, "mechanism", "field required")
+
+
+def test_unknown_field_suggests_the_right_one(catalog_dir: Path) -> None:
+    text = valid_text().replace("summary:", "sumary:")
+    write_entry(catalog_dir, text=text)
+    found = problems_in(catalog_dir, "example.yaml")
+    unknown = next(p for p in found if p.field == "sumary")
+    assert unknown.line == line_of(text, "sumary:")
+    assert "unknown field (did you mean 'summary'?)" in unknown.message
+    assert any(p.field == "summary" and p.message == "field required" for p in found)
+
+
+def test_unknown_nested_field(catalog_dir: Path) -> None:
+    text = valid_text().replace("  level: low", "  level: low\n  levle: high")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "levle:"), "cost.levle")
+    assert "did you mean 'level'?" in problem.message
+
+
+def test_wrong_type(catalog_dir: Path) -> None:
+    text = valid_text().replace("year: 2024", "year: twenty-twenty-four")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "year:"), "year")
+    assert "integer" in problem.message
+
+
+def test_wrong_type_bool(catalog_dir: Path) -> None:
+    text = valid_text().replace("  randomized: false", "  randomized: sometimes")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "randomized:"), "assumptions.randomized")
+
+
+def test_value_outside_enumeration(catalog_dir: Path) -> None:
+    text = valid_text().replace("  level: low", "  level: huge")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "level: huge"), "cost.level")
+    assert "'none', 'low', 'medium' or 'high'" in problem.message
+
+
+def test_family_of_another_paradigm(catalog_dir: Path) -> None:
+    text = valid_text().replace("family: adversarial-fine-tuning", "family: counterattack")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "family:"), "family")
+    assert "belongs to paradigm 'training-free'" in problem.message
+
+
+def test_unknown_family(catalog_dir: Path) -> None:
+    text = valid_text().replace("family: adversarial-fine-tuning", "family: adversarial-fine-tunning")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert problem.field == "family"
+    assert "did you mean 'adversarial-fine-tuning'?" in problem.message
+
+
+def test_file_in_folder_of_another_paradigm(catalog_dir: Path) -> None:
+    (catalog_dir / "training-time" / "example.yaml").unlink()
+    write_entry(catalog_dir, paradigm="training-free")
+    problem = single(catalog_dir, "training-free/example.yaml")
+    assert (problem.line, problem.field) == (line_of(valid_text(), "paradigm:"), "paradigm")
+    assert "move it to catalog/training-time/" in problem.message
+
+
+def test_id_differs_from_file_name(catalog_dir: Path) -> None:
+    write_entry(catalog_dir, method_id="other", text=valid_text("another"))
+    problem = single(catalog_dir, "other.yaml")
+    assert (problem.line, problem.field) == (1, "id")
+    assert "differs from the file name 'other'" in problem.message
+
+
+def test_duplicate_id(catalog_dir: Path) -> None:
+    write_entry(catalog_dir, method_id="copy", text=valid_text("example"))
+    found = problems_in(catalog_dir, "copy.yaml")
+    duplicate = next(p for p in found if "duplicate id" in p.message)
+    assert (duplicate.line, duplicate.field) == (1, "id")
+    assert "example.yaml" in duplicate.message
+
+
+def test_malformed_arxiv_id(catalog_dir: Path) -> None:
+    text = valid_text().replace("arxiv: 2401.00001", "arxiv: arXiv-2401")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "arxiv:"), "links.arxiv")
+
+
+def test_malformed_url_and_doi(catalog_dir: Path) -> None:
+    text = valid_text().replace("code: https://github.com/example/example", "code: github.com/x\n  doi: 11.2/x")
+    write_entry(catalog_dir, text=text)
+    fields = {(p.field, p.line) for p in problems_in(catalog_dir, "example.yaml")}
+    assert fields == {("links.code", line_of(text, "code:")), ("links.doi", line_of(text, "doi:"))}
+
+
+@pytest.mark.parametrize("value", ["150", "-1"])
+def test_accuracy_outside_0_100(catalog_dir: Path, value: str) -> None:
+    text = valid_text().replace("clean: 50.5", f"clean: {value}")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "clean:"), "reported[0].clean")
+
+
+def test_accuracy_as_string_is_rejected(catalog_dir: Path) -> None:
+    text = valid_text().replace("clean: 50.5", 'clean: "50.5%"')
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert problem.field == "reported[0].clean"
+
+
+@pytest.mark.parametrize("eps", ["four", "4/0", "-1/255", "true"])
+def test_unparsable_epsilon(catalog_dir: Path, eps: str) -> None:
+    text = valid_text().replace("    eps: 1/255", f"    eps: {eps}")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, f"eps: {eps}"), "reported[0].eps")
+
+
+def test_epsilon_in_threat_model_list(catalog_dir: Path) -> None:
+    text = valid_text().replace("eps: [1/255, 4/255]", "eps: [1/255, lots]")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "lots"), "threat_model.eps[1]")
+
+
+def test_related_id_that_does_not_exist(catalog_dir: Path) -> None:
+    text = valid_text(related="[exampel-x, exmaple]")
+    write_entry(catalog_dir, text=text)
+    found = problems_in(catalog_dir, "example.yaml")
+    assert [p.field for p in found] == ["related[0]", "related[1]"]
+    assert all(p.line == line_of(text, "related:") for p in found)
+    assert "did you mean 'example'?" in found[1].message
+
+
+def test_related_must_link_both_ways(catalog_dir: Path) -> None:
+    write_entry(catalog_dir, method_id="second", related="[example]")
+    problem = single(catalog_dir, "second.yaml")
+    assert problem.field == "related[0]"
+    assert "does not list 'second' back" in problem.message
+    write_entry(catalog_dir, related="[second]")
+    assert load_catalog(catalog_dir)[1] == []
+
+
+def test_missing_notebook(catalog_dir: Path) -> None:
+    text = valid_text() + "reproduction:\n  notebook: notebooks/example.ipynb\n  status: planned\n"
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "notebook:"), "reproduction.notebook")
+    assert "not found" in problem.message
+    notebook = catalog_dir.parent / "notebooks" / "example.ipynb"
+    notebook.parent.mkdir()
+    notebook.write_text("{}")
+    assert load_catalog(catalog_dir)[1] == []
+
+
+def test_reproduced_status_needs_a_notebook(catalog_dir: Path) -> None:
+    text = valid_text() + "reproduction:\n  status: reproduced\n"
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "reproduction:"), "reproduction")
+
+
+def test_python_tags_are_rejected_never_executed(catalog_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+    text = valid_text().replace("name: Example", f"name: !!python/object/apply:os.system ['touch {marker}']")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "name:"), "-")
+    assert "tag not allowed" in problem.message
+    assert not marker.exists()
+
+
+def test_duplicate_key(catalog_dir: Path) -> None:
+    text = valid_text().replace("year: 2024", "year: 2024\nyear: 2023")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert problem.line == line_of(text, "year: 2023")
+    assert "duplicate key 'year'" in problem.message
+
+
+def test_todo_placeholder_is_rejected(catalog_dir: Path) -> None:
+    text = valid_text().replace("training: 2 epochs", "training: TODO")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "training: TODO"), "cost.training")
+
+
+def test_reported_needs_a_number(catalog_dir: Path) -> None:
+    text = valid_text().replace("    clean: 50.5\n    robust: 30.25\n", "")
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "- setting:"), "reported[0]")
+
+
+def test_stray_files_and_folders(catalog_dir: Path) -> None:
+    (catalog_dir / "loose.yaml").write_text("id: loose\n")
+    (catalog_dir / "post-hoc").mkdir()
+    (catalog_dir / "training-time" / "notes.yml").write_text("x: 1\n")
+    _, problems = load_catalog(catalog_dir)
+    paths = {Path(p.path).name for p in problems}
+    assert paths == {"loose.yaml", "post-hoc", "notes.yml"}
+
+
+def test_all_problems_are_reported_not_just_the_first(catalog_dir: Path) -> None:
+    write_entry(catalog_dir, method_id="bad-one", text=valid_text("bad-one").replace("year: 2024", "year: x"))
+    write_entry(catalog_dir, method_id="bad-two", text="- a list\n")
+    _, problems = load_catalog(catalog_dir)
+    assert {Path(p.path).name for p in problems} == {"bad-one.yaml", "bad-two.yaml"}
+
+
+def test_broken_taxonomy_is_reported(catalog_dir: Path) -> None:
+    (catalog_dir / "taxonomy.yaml").write_text("paradigms:\n  - id: post-hoc\n    name: x\n")
+    catalog, problems = load_catalog(catalog_dir)
+    assert catalog is None
+    assert any(p.path.endswith("taxonomy.yaml") and p.field == "paradigms[0].id" and p.line == 2 for p in problems)
