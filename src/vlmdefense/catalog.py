@@ -184,8 +184,12 @@ class ThreatModel(StrictModel):
     """The attacks the paper defends against and evaluates with."""
 
     norms: list[Norm] = Field(min_length=1)
-    eps: list[EpsilonField] = Field(min_length=1, description="budgets: '1/255', '4/255' or floats")
-    attacks: list[Text] = Field(min_length=1, description="e.g. PGD-10, APGD-CE, AutoAttack, CW")
+    eps: list[EpsilonField] = Field(
+        default_factory=list, description="budgets: '1/255', '4/255' or floats; empty when the paper does not say"
+    )
+    attacks: list[Text] = Field(
+        default_factory=list, description="e.g. PGD-10, APGD-CE, AutoAttack, CW; empty when the paper does not say"
+    )
     adaptive_attacks_evaluated: bool = Field(False, description="the paper attacks the full defended pipeline")
 
 
