@@ -144,8 +144,14 @@ class APGD:
             return images.clone()
         wrapped = _CallableModule(model, images.device)
         attack = torchattacks.APGD(
-            wrapped, norm="Linf" if self.norm == "linf" else "L2", eps=self.eps, steps=self.steps,
-            n_restarts=self.restarts, seed=self.seed, loss="ce", eot_iter=self.eot_samples,
+            wrapped,
+            norm="Linf" if self.norm == "linf" else "L2",
+            eps=self.eps,
+            steps=self.steps,
+            n_restarts=self.restarts,
+            seed=self.seed,
+            loss="ce",
+            eot_iter=self.eot_samples,
         )
         adversarial = attack(images, labels)
         delta = project(adversarial - images, self.eps, self.norm)

