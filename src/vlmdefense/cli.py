@@ -321,6 +321,118 @@ def schema(
         sys.stdout.write(text)
 
 
+def _repo_root() -> Path:
+    from vlmdefense.harness import find_root
+
+    try:
+        return find_root()
+    except FileNotFoundError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def run(
+    method_ids: Annotated[list[str] | None, typer.Argument(metavar="[ID...]", help="Methods to run.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Run every notebook.")] = False,
+    profile: Annotated[str, typer.Option("--profile", help="Profile of reproductions/profiles.yaml.")] = "smoke",
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (YAML value); repeatable.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun even when up to date.")] = False,
+) -> None:
+    """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/."""
+    from vlmdefense.profiles import load_profiles, parse_overrides
+    from vlmdefense.runner import available_methods, run_many
+
+    root = _repo_root()
+    if all_ == bool(method_ids):
+        fail("give method ids or --all (not both)", code=2)
+    try:
+        overrides = parse_overrides(param or [])
+        profiles = load_profiles(root)
+    except (ValueError, ProblemsError) as exc:
+        fail(str(exc), code=2)
+    if profile not in profiles:
+        fail(f"unknown profile {profile!r} (one of: {', '.join(profiles)})", code=2)
+    known = available_methods(root)
+    methods = known if all_ else list(method_ids or [])
+    for method in methods:
+        if method not in known:
+            from vlmdefense.validation import unknown_id_message
+
+            fail(unknown_id_message(method, known).replace("in the catalog", "with a notebook"))
+
+    def report(outcome) -> None:
+        style = {"ran": "green", "skipped": "dim", "failed": "bold red"}[outcome.state]
+        extra = f" — {outcome.message}" if outcome.message else ""
+        out.print(
+            f"[{style}]{outcome.state:>7}[/] {outcome.method} ({outcome.profile}, {outcome.seconds:.0f} s){extra}",
+            highlight=False,
+        )
+
+    outcomes = run_many(root, methods, profile, overrides, force, on_done=report, progress=sys.stderr.isatty())
+    counts = {state: sum(o.state == state for o in outcomes) for state in ("ran", "skipped", "failed")}
+    total = sum(o.seconds for o in outcomes)
+    out.print(
+        f"{counts['ran']} ran, {counts['skipped']} up to date, {counts['failed']} failed ({total:.0f} s)",
+        highlight=False,
+    )
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    profile: Annotated[list[str] | None, typer.Option("--profile", help="Profiles to show (default: all).")] = None,
+) -> None:
+    """Show every method × profile as ok / stale / failed / missing."""
+    from vlmdefense.profiles import load_profiles
+    from vlmdefense.runner import available_methods, run_state
+
+    root = _repo_root()
+    names = profile or list(load_profiles(root))
+    colours = {"ok": "green", "stale": "yellow", "failed": "red", "missing": "dim"}
+    table = Table(title="reproductions")
+    table.add_column("method")
+    for name in names:
+        table.add_column(name)
+    for method in available_methods(root):
+        states = [run_state(root, method, name).value for name in names]
+        table.add_row(method, *(f"[{colours[s]}]{s}[/]" for s in states))
+    out.print(table)
+
+
+model_app = typer.Typer(help="The small CLIP of the smoke profile.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("train")
+def model_train(
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for model.pt and card.json (default: cache).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the recipe's epochs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
+) -> None:
+    """Train the small CLIP by its recipe and write the checkpoint and its card."""
+    from dataclasses import replace
+
+    from vlmdefense.models import Recipe, write_small_clip
+
+    recipe = Recipe()
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs)
+    if seed is not None:
+        recipe = replace(recipe, seed=seed)
+    path, card = write_small_clip(recipe, out_dir, progress=sys.stderr.isatty())
+    out.print(f"wrote {path}", highlight=False)
+    out.print(
+        f"zero-shot test accuracy {card['metrics']['zero_shot_test_accuracy']:.1f} %, "
+        f"trained in {card['train_seconds']:.0f} s, sha256 {card['sha256'][:12]}",
+        highlight=False,
+    )
+
+
 def main() -> None:
     """Entry point of the ``vlmdefense`` script."""
     app()

@@ -1,0 +1,233 @@
+"""Run reproduction notebooks with papermill: merged parameters, provenance, atomic writes, resume.
+
+``reproductions/<id>/<profile>/`` receives the executed notebook ``<id>.ipynb`` and ``result.json``.
+A run is up to date when its result's ``run.input_hash`` equals the hash of the notebook's source,
+the merged parameters and the library version; such runs are skipped unless forced. A failed run
+keeps its executed notebook (with the traceback) and is recorded as ``failed``; the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+from vlmdefense import __version__
+from vlmdefense.fileio import atomic_write_json
+from vlmdefense.profiles import load_profiles, method_parameters
+from vlmdefense.provenance import now_iso, provenance
+from vlmdefense.results import RESULT_FILE, Result, RunStatus, check_result_file
+
+logger = logging.getLogger(__name__)
+
+NOTEBOOKS = "notebooks"
+REPRODUCTIONS = "reproductions"
+TEMPLATE = "_template"
+
+
+class RunState(str, Enum):
+    """State of one (method, profile) pair, as ``vlmdefense status`` shows it."""
+
+    OK = "ok"
+    STALE = "stale"
+    FAILED = "failed"
+    MISSING = "missing"
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one requested run."""
+
+    method: str
+    profile: str
+    state: str  # ran, skipped, failed
+    seconds: float
+    message: str = ""
+
+
+def notebook_path(root: Path, method: str) -> Path:
+    """``notebooks/<method>.ipynb``."""
+    return Path(root) / NOTEBOOKS / f"{method}.ipynb"
+
+
+def output_dir(root: Path, method: str, profile: str) -> Path:
+    """``reproductions/<method>/<profile>/``."""
+    return Path(root) / REPRODUCTIONS / method / profile
+
+
+def available_methods(root: Path) -> list[str]:
+    """Methods with a notebook (the template excluded), baseline first."""
+    names = sorted(p.stem for p in (Path(root) / NOTEBOOKS).glob("*.ipynb") if not p.stem.startswith("_"))
+    return sorted(names, key=lambda n: (n != "baseline", n))
+
+
+def _notebook_source_digest(path: Path) -> str:
+    """Hash of the cells' sources only: outputs and execution counts do not make a run stale."""
+    notebook = nbformat.read(str(path), as_version=4)
+    sources = [(cell.cell_type, cell.source) for cell in notebook.cells]
+    return hashlib.sha256(json.dumps(sources).encode()).hexdigest()
+
+
+def input_hash(root: Path, method: str, parameters: dict[str, Any]) -> str:
+    """Hash of the notebook's source, the merged parameters and the library version."""
+    payload = {
+        "notebook": _notebook_source_digest(notebook_path(root, method)),
+        "parameters": parameters,
+        "library": __version__,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_state(root: Path, method: str, profile: str, overrides: dict[str, Any] | None = None) -> RunState:
+    """ok / stale / failed / missing for one method and profile."""
+    record = _read_json(output_dir(root, method, profile) / RESULT_FILE)
+    if record is None:
+        return RunState.MISSING
+    if record.get("status") != RunStatus.OK.value:
+        return RunState.FAILED
+    if not notebook_path(root, method).is_file():
+        return RunState.STALE
+    params = method_parameters(load_profiles(root)[profile], method, overrides)
+    stored = (record.get("run") or {}).get("input_hash")
+    return RunState.OK if stored == input_hash(root, method, params) else RunState.STALE
+
+
+def _failure_record(
+    method: str, profile: str, params: dict[str, Any], run: dict[str, Any], started: str, seconds: float, root: Path
+) -> dict[str, Any]:
+    device = str(params.get("device", "cpu"))
+    return {
+        "method": method,
+        "profile": profile,
+        "status": RunStatus.FAILED.value,
+        "parameters": params,
+        "provenance": provenance(root, device, int(params.get("seed", 0)), started, seconds, {}, "vlmdefense run"),
+        "run": run,
+    }
+
+
+def _short_error(exc: BaseException) -> str:
+    name = getattr(exc, "ename", type(exc).__name__)
+    value = getattr(exc, "evalue", str(exc))
+    return f"{name}: {value}".strip()[:2000]
+
+
+def run_one(
+    root: Path,
+    method: str,
+    profile: str,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    kernel_name: str | None = None,
+) -> RunOutcome:
+    """Execute one notebook for one profile (skipped when up to date, unless ``force``)."""
+    import papermill
+
+    root = Path(root).resolve()
+    source = notebook_path(root, method)
+    if not source.is_file():
+        return RunOutcome(method, profile, "failed", 0.0, f"notebook {source.relative_to(root)} not found")
+    profiles = load_profiles(root)
+    if profile not in profiles:
+        return RunOutcome(method, profile, "failed", 0.0, f"unknown profile {profile!r}")
+    params = method_parameters(profiles[profile], method, overrides)
+    digest = input_hash(root, method, params)
+    target = output_dir(root, method, profile)
+    result_file = target / RESULT_FILE
+    if not force and run_state(root, method, profile, overrides) is RunState.OK:
+        return RunOutcome(method, profile, "skipped", 0.0, "up to date")
+    target.mkdir(parents=True, exist_ok=True)
+    executed = target / f"{method}.ipynb"
+    started = now_iso()
+    start = time.perf_counter()
+    run_info = {
+        "input_hash": digest,
+        "notebook": str(source.relative_to(root)),
+        "executed_notebook": str(executed.relative_to(root)),
+        "runner": f"papermill {papermill.__version__}",
+    }
+    with tempfile.TemporaryDirectory(prefix=f".{method}-", dir=target) as scratch:
+        scratch_nb = Path(scratch) / executed.name
+        scratch_result = Path(scratch) / RESULT_FILE
+        env_backup = os.environ.get("VLMDEFENSE_COMMAND")
+        os.environ["VLMDEFENSE_COMMAND"] = f"vlmdefense run {method} --profile {profile}"
+        try:
+            papermill.execute_notebook(
+                str(source),
+                str(scratch_nb),
+                parameters={"profile": profile, "overrides": overrides or {}, "result_path": str(scratch_result)},
+                cwd=str(root),
+                progress_bar=progress,
+                kernel_name=kernel_name,
+                log_output=False,
+            )
+            record = json.loads(scratch_result.read_text(encoding="utf-8"))
+            record["run"] = run_info
+            Result.model_validate(record)
+        except Exception as exc:
+            seconds = time.perf_counter() - start
+            message = _short_error(exc)
+            logger.debug("run %s/%s failed:\n%s", method, profile, traceback.format_exc())
+            if scratch_nb.is_file():
+                shutil.move(str(scratch_nb), executed)
+            atomic_write_json(
+                result_file,
+                _failure_record(method, profile, params, {**run_info, "error": message}, started, seconds, root),
+            )
+            return RunOutcome(method, profile, "failed", seconds, message)
+        finally:
+            if env_backup is None:
+                os.environ.pop("VLMDEFENSE_COMMAND", None)
+            else:
+                os.environ["VLMDEFENSE_COMMAND"] = env_backup
+        shutil.move(str(scratch_nb), executed)
+        atomic_write_json(result_file, record)
+    return RunOutcome(method, profile, "ran", time.perf_counter() - start)
+
+
+def run_many(
+    root: Path,
+    methods: list[str],
+    profile: str,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+    on_done: Callable[[RunOutcome], None] | None = None,
+    progress: bool = True,
+) -> list[RunOutcome]:
+    """Run several notebooks one after another; a failure does not stop the rest."""
+    outcomes = []
+    for method in methods:
+        outcome = run_one(root, method, profile, overrides, force, progress=progress)
+        outcomes.append(outcome)
+        if on_done is not None:
+            on_done(outcome)
+    return outcomes
+
+
+def check_results(root: Path, known_methods: set[str]) -> list[Any]:
+    """Problems of every ``reproductions/*/*/result.json`` (schema, provenance, method, profile)."""
+    profiles = set(load_profiles(root))
+    problems = []
+    for path in sorted((Path(root) / REPRODUCTIONS).glob(f"*/*/{RESULT_FILE}")):
+        problems += check_result_file(path, known_methods, profiles)
+    return problems
