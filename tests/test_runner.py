@@ -1,0 +1,137 @@
+"""The papermill runner: success, provenance, resume (skip / stale / force), failure, CLI exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+from vlmdefense.cli import app
+from vlmdefense.profiles import deep_merge, load_profiles, method_parameters, parse_overrides
+from vlmdefense.results import check_result_file, read_result
+from vlmdefense.runner import RunState, available_methods, run_many, run_one, run_state
+
+
+def make_repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "reproductions").mkdir()
+    shutil.copy(REPO / "notebooks" / "baseline.ipynb", root / "notebooks" / "baseline.ipynb")
+    shutil.copy(REPO / "reproductions" / "profiles.yaml", root / "reproductions" / "profiles.yaml")
+    shutil.copytree(REPO / "catalog", root / "catalog")
+    return root
+
+
+def broken_notebook(path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile = "smoke"\noverrides = {}\nresult_path = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("raise RuntimeError('the defense diverged')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_repo(tmp_path_factory.mktemp("runner"))
+    outcome = run_one(root, "baseline", "quick", progress=False)
+    assert outcome.state == "ran", outcome.message
+    return root
+
+
+def test_run_writes_a_valid_result_with_provenance(repo: Path) -> None:
+    path = repo / "reproductions" / "baseline" / "quick" / "result.json"
+    assert check_result_file(path, {"baseline"}, set(load_profiles(repo))) == []
+    result = read_result(path)
+    assert result.status.value == "ok" and result.method == "baseline" and result.profile == "quick"
+    assert result.clean is not None and result.clean.all > 50
+    assert {r.eps.display for r in result.robust} == {"8/255"}
+    p = result.provenance
+    assert p is not None and p.seed == 0 and p.versions["torch"] and p.duration_seconds > 0
+    assert p.templates["templates"] and p.command == "vlmdefense run baseline --profile quick"
+    assert result.run is not None and result.run.executed_notebook == "reproductions/baseline/quick/baseline.ipynb"
+    executed = nbformat.read(str(repo / result.run.executed_notebook), as_version=4)
+    assert any(cell.get("outputs") for cell in executed.cells if cell.cell_type == "code")
+    assert not list((repo / "reproductions" / "baseline" / "quick").glob(".baseline-*")), "no scratch left behind"
+
+
+def test_up_to_date_runs_are_skipped_and_changes_make_them_stale(repo: Path) -> None:
+    assert run_state(repo, "baseline", "quick") is RunState.OK
+    assert run_one(repo, "baseline", "quick", progress=False).state == "skipped"
+    assert run_state(repo, "baseline", "quick", {"n_test": 20}) is RunState.STALE
+    assert run_state(repo, "baseline", "smoke") is RunState.MISSING
+
+
+def test_editing_the_notebook_makes_the_run_stale_and_force_reruns(tmp_path: Path, repo: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(repo, root)
+    notebook = root / "notebooks" / "baseline.ipynb"
+    nb = nbformat.read(str(notebook), as_version=4)
+    nb.cells[0].source += "\n\nEdited."
+    nbformat.write(nb, str(notebook))
+    assert run_state(root, "baseline", "quick") is RunState.STALE
+    before = json.loads((root / "reproductions/baseline/quick/result.json").read_text())
+    assert run_one(root, "baseline", "quick", force=True, progress=False).state == "ran"
+    after = json.loads((root / "reproductions/baseline/quick/result.json").read_text())
+    assert after["run"]["input_hash"] != before["run"]["input_hash"]
+    assert after["clean"] == before["clean"], "same seed, same metrics"
+    assert run_state(root, "baseline", "quick") is RunState.OK
+
+
+def test_a_failed_run_is_recorded_and_does_not_stop_the_others(tmp_path: Path, repo: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(repo, root)
+    broken_notebook(root / "notebooks" / "broken.ipynb")
+    assert available_methods(root) == ["baseline", "broken"]
+    outcomes = run_many(root, ["broken", "baseline"], "quick", progress=False)
+    assert [o.state for o in outcomes] == ["failed", "skipped"]
+    assert "the defense diverged" in outcomes[0].message
+    record = json.loads((root / "reproductions/broken/quick/result.json").read_text())
+    assert record["status"] == "failed" and "RuntimeError" in record["run"]["error"]
+    assert record["provenance"]["git_commit"] is None
+    executed = (root / "reproductions/broken/quick/broken.ipynb").read_text()
+    assert ("the defense diverged" in executed and "Traceback" in executed) or "RuntimeError" in executed
+    assert run_state(root, "broken", "quick") is RunState.FAILED
+
+
+def test_cli_run_and_status(tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(repo, root)
+    broken_notebook(root / "notebooks" / "broken.ipynb")
+    monkeypatch.chdir(root)
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--all", "--profile", "quick"])
+    assert result.exit_code == 1
+    assert "0 ran, 1 up to date, 1 failed" in result.stdout
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0
+    assert "failed" in result.stdout and "ok" in result.stdout and "missing" in result.stdout
+    assert runner.invoke(app, ["run", "nope"]).exit_code == 1
+    assert runner.invoke(app, ["run"]).exit_code == 2
+    assert runner.invoke(app, ["run", "baseline", "--profile", "nope"]).exit_code == 2
+    assert runner.invoke(app, ["run", "baseline", "-p", "novalue"]).exit_code == 2
+
+
+def test_profiles_and_overrides() -> None:
+    profiles = load_profiles(REPO)
+    assert {"smoke", "paper", "quick"} <= set(profiles)
+    quick = profiles["quick"]
+    assert quick["model"] == profiles["smoke"]["model"] and quick["n_test"] == 40 and "extends" not in quick
+    assert profiles["smoke"]["headline_eps"] == "8/255"
+    assert profiles["paper"]["model"] == {"name": "ViT-B-32", "pretrained": "openai"}
+    overrides = parse_overrides(["n_test=12", "eps=[1/255, 4/255]", "pretrained=/ckpt/model.pt", "model.name=RN50"])
+    assert overrides == {
+        "n_test": 12,
+        "eps": ["1/255", "4/255"],
+        "model": {"pretrained": "/ckpt/model.pt", "name": "RN50"},
+    }
+    params = method_parameters(profiles["smoke"], "x", overrides)
+    assert params["model"] == {"name": "RN50", "pretrained": "/ckpt/model.pt"}
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    with pytest.raises(ValueError):
+        parse_overrides(["=3"])
