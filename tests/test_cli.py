@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,15 @@ def test_bibtex(catalog_dir: Path) -> None:
 
 def test_new_scaffolds_an_entry_that_fails_until_filled(catalog_dir: Path) -> None:
     code, _, _ = run(
-        "new", "my-defense", "--paradigm", "training-free", "--family", "counterattack", "-c", str(catalog_dir)
+        "new",
+        "my-defense",
+        "--paradigm",
+        "training-free",
+        "--family",
+        "counterattack",
+        "--no-notebook",
+        "-c",
+        str(catalog_dir),
     )
     assert code == 0
     path = catalog_dir / "training-free" / "my-defense.yaml"
@@ -114,15 +123,39 @@ def test_new_scaffolds_an_entry_that_fails_until_filled(catalog_dir: Path) -> No
     assert problems and all(p.path.endswith("my-defense.yaml") for p in problems)
     assert any("placeholder 'TODO'" in p.message for p in problems)
     code, _, err = run(
-        "new", "my-defense", "--paradigm", "training-free", "--family", "counterattack", "-c", str(catalog_dir)
+        "new",
+        "my-defense",
+        "--paradigm",
+        "training-free",
+        "--family",
+        "counterattack",
+        "--no-notebook",
+        "-c",
+        str(catalog_dir),
     )
     assert code == 1 and "exists already" in err
     code, _, err = run(
-        "new", "other", "--paradigm", "training-free", "--family", "adversarial-fine-tuning", "-c", str(catalog_dir)
+        "new",
+        "other",
+        "--paradigm",
+        "training-free",
+        "--family",
+        "adversarial-fine-tuning",
+        "--no-notebook",
+        "-c",
+        str(catalog_dir),
     )
     assert code == 1 and "unknown family" in err
     code, _, err = run(
-        "new", "Bad_Id", "--paradigm", "training-free", "--family", "counterattack", "-c", str(catalog_dir)
+        "new",
+        "Bad_Id",
+        "--paradigm",
+        "training-free",
+        "--family",
+        "counterattack",
+        "--no-notebook",
+        "-c",
+        str(catalog_dir),
     )
     assert code == 1 and "invalid id" in err
 
@@ -153,3 +186,44 @@ def test_the_real_catalog_is_valid() -> None:
     catalog, problems = load_catalog(REPO / "catalog")
     assert problems == [], "\n".join(map(str, problems))
     assert catalog is not None
+
+
+def test_new_without_a_template_writes_nothing(catalog_dir: Path) -> None:
+    code, _, err = run(
+        "new", "lonely", "--paradigm", "training-free", "--family", "counterattack", "-c", str(catalog_dir)
+    )
+    assert code == 1 and "template" in err
+    assert not (catalog_dir / "training-free" / "lonely.yaml").exists()
+
+
+def test_new_scaffolds_the_notebook_from_the_template(catalog_dir: Path) -> None:
+    notebooks = catalog_dir.parent / "notebooks"
+    notebooks.mkdir()
+    shutil.copy(REPO / "notebooks" / "_template.ipynb", notebooks / "_template.ipynb")
+    code, out, _ = run(
+        "new", "my-defense", "--paradigm", "training-free", "--family", "counterattack", "-c", str(catalog_dir)
+    )
+    assert code == 0, out
+    text = (notebooks / "my-defense.ipynb").read_text()
+    assert 'harness.setup(\\"my-defense\\"' in text and "METHOD_ID" not in text
+    assert '"parameters"' in text
+
+
+def test_validate_checks_result_files(catalog_dir: Path) -> None:
+    root = catalog_dir.parent
+    (root / "reproductions").mkdir()
+    shutil.copy(REPO / "reproductions" / "profiles.yaml", root / "reproductions" / "profiles.yaml")
+    record = json.loads((REPO / "reproductions" / "baseline" / "smoke" / "result.json").read_text())
+    target = root / "reproductions" / "baseline" / "smoke" / "result.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(record, indent=2))
+    code, out, _ = run("validate", str(catalog_dir))
+    assert code == 0 and "1 result file(s) ok" in out
+    record["method"] = "ghost"
+    record["clean"]["all"] = "high"
+    stray = root / "reproductions" / "ghost" / "smoke" / "result.json"
+    stray.parent.mkdir(parents=True)
+    stray.write_text(json.dumps(record, indent=2))
+    code, out, _ = run("validate", str(catalog_dir))
+    assert code == 1
+    assert "ghost/smoke/result.json" in out and "clean.all" in out

@@ -19,7 +19,7 @@ from vlmdefense.bibtex import bibtex
 from vlmdefense.catalog import Entry, Paradigm, schema_text
 from vlmdefense.fileio import atomic_write_text
 from vlmdefense.problems import ProblemsError
-from vlmdefense.scaffold import ScaffoldError, new_entry
+from vlmdefense.scaffold import ScaffoldError, new_entry, new_notebook
 from vlmdefense.validation import Catalog, load_catalog
 
 app = typer.Typer(
@@ -32,6 +32,9 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 CatalogOption = Annotated[Path, typer.Option("--catalog", "-c", help="Catalog directory.", show_default=True)]
+
+
+BASELINE = "baseline"
 
 
 class OutputFormat(str, Enum):
@@ -80,8 +83,19 @@ def open_catalog(root: Path) -> Catalog:
 def validate(
     catalog_dir: Annotated[Path, typer.Argument(help="Catalog directory.")] = Path("catalog"),
 ) -> None:
-    """Check every catalog file against the schema and the taxonomy; report all problems."""
+    """Check every catalog file against the schema and the taxonomy, and every result file beside it
+    (reproductions/*/*/result.json: schema, provenance, known method and profile); report all problems."""
     catalog, problems = load_catalog(catalog_dir)
+    results = 0
+    root = catalog_dir.resolve().parent
+    if catalog is not None and (root / "reproductions" / "profiles.yaml").is_file():
+        from vlmdefense.runner import check_results, result_files
+
+        results = len(result_files(root))
+        try:
+            problems = problems + check_results(root, set(catalog.items) | {BASELINE})
+        except ProblemsError as exc:
+            problems = problems + exc.problems
     for problem in problems:
         out.print(str(problem), highlight=False, markup=False)
     if problems:
@@ -92,7 +106,8 @@ def validate(
     for entry in catalog.entries:
         counts[entry.paradigm.value] += 1
     detail = ", ".join(f"{n} {name}" for name, n in counts.items())
-    out.print(f"catalog ok: {len(catalog.entries)} entries ({detail})", highlight=False)
+    tail = f"; {results} result file(s) ok" if results else ""
+    out.print(f"catalog ok: {len(catalog.entries)} entries ({detail}){tail}", highlight=False)
 
 
 def _flags(entry: Entry) -> str:
@@ -296,14 +311,31 @@ def new(
     method_id: Annotated[str, typer.Argument(metavar="ID", help="New method id, e.g. my-defense.")],
     paradigm: Annotated[Paradigm, typer.Option(help="Paradigm (the entry's folder).")],
     family: Annotated[str, typer.Option(help="Family of that paradigm (see catalog/taxonomy.yaml).")],
+    notebook: Annotated[
+        bool, typer.Option("--notebook/--no-notebook", help="Also create notebooks/ID.ipynb from the template.")
+    ] = True,
     catalog_dir: CatalogOption = Path("catalog"),
 ) -> None:
-    """Scaffold a commented catalog entry whose TODOs fail validation until filled."""
+    """Scaffold a commented catalog entry (and its notebook) whose TODOs fail validation until filled."""
+    notebooks = catalog_dir.resolve().parent / "notebooks"
+    if notebook and (notebooks / f"{method_id}.ipynb").exists():
+        fail(f"notebook {notebooks / f'{method_id}.ipynb'} exists already")
+    if notebook and not (notebooks / "_template.ipynb").is_file():
+        fail(f"notebook template {notebooks / '_template.ipynb'} not found (use --no-notebook for the YAML alone)")
     try:
         path = new_entry(catalog_dir, method_id, paradigm.value, family)
+        made = [path]
+        if notebook:
+            made.append(new_notebook(catalog_dir.resolve().parent, method_id))
     except (ScaffoldError, ProblemsError) as exc:
         fail(str(exc))
-    out.print(f"created {path}: fill in every TODO, then run `vlmdefense validate`", highlight=False)
+    for item in made:
+        out.print(f"created {item}", highlight=False)
+    out.print(
+        "next: fill in every TODO of the YAML and the notebook, run `vlmdefense validate`, "
+        f"then `vlmdefense check {method_id}`",
+        highlight=False,
+    )
 
 
 @app.command()

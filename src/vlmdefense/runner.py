@@ -224,10 +224,15 @@ def run_many(
     return outcomes
 
 
+def result_files(root: Path) -> list[Path]:
+    """Every ``reproductions/<method>/<profile>/result.json``."""
+    return sorted((Path(root) / REPRODUCTIONS).glob(f"*/*/{RESULT_FILE}"))
+
+
 def check_results(root: Path, known_methods: set[str]) -> list[Any]:
-    """Problems of every ``reproductions/*/*/result.json`` (schema, provenance, method, profile)."""
+    """Problems of every result file (schema, provenance, method, profile, place)."""
     profiles = set(load_profiles(root))
     problems = []
-    for path in sorted((Path(root) / REPRODUCTIONS).glob(f"*/*/{RESULT_FILE}")):
+    for path in result_files(root):
         problems += check_result_file(path, known_methods, profiles)
     return problems

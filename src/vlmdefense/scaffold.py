@@ -20,6 +20,25 @@ def entry_template(method_id: str, paradigm: Paradigm, family: str) -> str:
     return text.format(id=method_id, name=method_id, paradigm=paradigm.value, family=family)
 
 
+def new_notebook(root: Path, method_id: str, name: str | None = None) -> Path:
+    """Write ``notebooks/<method_id>.ipynb`` from ``notebooks/_template.ipynb``.
+
+    Raises:
+        ScaffoldError: the template is missing or the notebook exists already.
+    """
+    template = Path(root) / "notebooks" / "_template.ipynb"
+    target = Path(root) / "notebooks" / f"{method_id}.ipynb"
+    if not template.is_file():
+        raise ScaffoldError(f"notebook template {template} not found")
+    if target.exists():
+        raise ScaffoldError(f"notebook {target} exists already")
+    text = template.read_text(encoding="utf-8")
+    text = text.replace("METHOD_ID", method_id).replace("METHOD_NAME", name or method_id)
+    with target.open("x", encoding="utf-8") as handle:
+        handle.write(text)
+    return target
+
+
 def new_entry(catalog_root: Path, method_id: str, paradigm: str, family: str) -> Path:
     """Write ``catalog_root/<paradigm>/<method_id>.yaml`` from the template.
 
