@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[site,scale,dev]"
 	@touch $(STAMP)
 
+# The main job: check the catalog, run every smoke reproduction that is not up to date (a failed one is
+# reported and the rest go on), build the site and serve it on localhost.
 demo: setup
 	$(VENV)/bin/vlmdefense validate
-	$(VENV)/bin/vlmdefense list
+	$(VENV)/bin/vlmdefense run --all --profile smoke || echo "some reproductions failed: see the summary above"
+	$(VENV)/bin/vlmdefense site serve
 
 test: setup
 	$(PY) -m pytest

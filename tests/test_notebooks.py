@@ -1,0 +1,51 @@
+"""Every reproduction notebook runs under papermill with the fastest parameters (the quick profile)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from vlmdefense.results import check_result_file, read_result
+from vlmdefense.runner import available_methods, run_one
+from vlmdefense.validation import load_catalog
+
+METHODS = available_methods(REPO)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("notebooks") / "repo"
+    root.mkdir()
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
+    shutil.copytree(REPO / "catalog", root / "catalog")
+    (root / "reproductions").mkdir()
+    shutil.copy(REPO / "reproductions" / "profiles.yaml", root / "reproductions" / "profiles.yaml")
+    return root
+
+
+def test_every_reproduced_entry_has_a_notebook() -> None:
+    catalog, _ = load_catalog(REPO / "catalog")
+    assert catalog is not None
+    for item in catalog.items.values():
+        notebook = item.entry.reproduction.notebook
+        if notebook is not None:
+            assert Path(notebook).stem in METHODS, f"{item.entry.id}: {notebook} is not a runnable notebook"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_notebook_runs_on_the_quick_profile(repo: Path, method: str) -> None:
+    outcome = run_one(repo, method, "quick", progress=False)
+    assert outcome.state == "ran", outcome.message
+    path = repo / "reproductions" / method / "quick" / "result.json"
+    assert check_result_file(path, {method}, {"quick"}) == []
+    result = read_result(path)
+    assert result.clean is not None and result.robust
+    assert result.provenance is not None and result.cost is not None
+    adaptive = {r.adaptive for r in result.robust}
+    catalog, _ = load_catalog(REPO / "catalog")
+    if catalog is not None and method in catalog.items and catalog.items[method].entry.needs_adaptive_evaluation:
+        assert adaptive == {False, True}, "flagged entries need both non-adaptive and adaptive numbers"
