@@ -190,7 +190,13 @@ class ThreatModel(StrictModel):
     attacks: list[Text] = Field(
         default_factory=list, description="e.g. PGD-10, APGD-CE, AutoAttack, CW; empty when the paper does not say"
     )
-    adaptive_attacks_evaluated: bool = Field(False, description="the paper attacks the full defended pipeline")
+    adaptive_attacks_evaluated: bool = Field(
+        False,
+        description=(
+            "for defenses that act at inference: the paper attacks the whole defended pipeline (an adaptive "
+            "attack); a white-box attack on a fine-tuned model is the standard evaluation and leaves this false"
+        ),
+    )
 
 
 class Targets(StrictModel):
