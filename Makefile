@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test lint validate schema clean
+.PHONY: setup demo test lint validate schema clean chromium
 
 setup: $(STAMP)
 
@@ -24,7 +24,13 @@ demo: setup
 	$(VENV)/bin/vlmdefense run --all --profile smoke || echo "some reproductions failed: see the summary above"
 	$(VENV)/bin/vlmdefense site serve
 
-test: setup
+# The site's browser tests drive the system's Chromium; install it (apt-get, as root) only when missing.
+CHROMIUM := /usr/bin/chromium
+chromium: $(CHROMIUM)
+$(CHROMIUM):
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+
+test: setup chromium
 	$(PY) -m pytest
 
 lint: setup

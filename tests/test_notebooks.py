@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
+from conftest import REPO
 from vlmdefense.results import check_result_file, read_result
 from vlmdefense.runner import available_methods, run_one
 from vlmdefense.validation import load_catalog

@@ -20,6 +20,7 @@ from vlmdefense.catalog import Entry, Paradigm, schema_text
 from vlmdefense.fileio import atomic_write_text
 from vlmdefense.problems import ProblemsError
 from vlmdefense.scaffold import ScaffoldError, new_entry, new_notebook
+from vlmdefense.site_cli import site_app
 from vlmdefense.validation import Catalog, load_catalog
 
 app = typer.Typer(
@@ -463,6 +464,9 @@ def model_train(
         f"trained in {card['train_seconds']:.0f} s, sha256 {card['sha256'][:12]}",
         highlight=False,
     )
+
+
+app.add_typer(site_app, name="site")
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from vlmdefense.data import ImageSet, PromptSpec, seen_mask
 from vlmdefense.models import LoadedClip

@@ -25,7 +25,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from vlmdefense.data import ImageSet, PromptSpec, digit_prompts, load_digits_split
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json

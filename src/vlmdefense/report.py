@@ -166,3 +166,175 @@ def display_report(result: Result, baseline: Result | None = None) -> None:
     display(fig)
     plt.close(fig)
     display(Markdown("### Cost\n\n" + cost_table(result)))
+
+
+def headline_numbers(result: Result | None) -> tuple[float | None, float | None, float | None]:
+    """(clean, robust non-adaptive, robust adaptive) at the result's headline ε; ``None`` where absent."""
+    if result is None or result.headline is None:
+        return None, None, None
+    h = result.headline
+    return h.get("clean"), h.get("robust"), h.get("robust_adaptive")
+
+
+def robust_gain(result: Result, baseline: Result | None) -> float | None:
+    """Headline robust accuracy (the lower of non-adaptive and adaptive) minus the baseline's, in points."""
+    _, robust, adaptive = headline_numbers(result)
+    _, base, _ = headline_numbers(baseline)
+    values = [v for v in (robust, adaptive) if v is not None]
+    if not values or base is None:
+        return None
+    return min(values) - base
+
+
+def _split_at_headline(result: Result, split: str, adaptive: bool | None = False) -> float | None:
+    """Worst robust accuracy of one split at the headline ε."""
+    values = [getattr(r.acc, split) for r in headline_entries(result) if adaptive is None or r.adaptive == adaptive]
+    values = [v for v in values if v is not None]
+    return min(values) if values else None
+
+
+GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def _group_colours(labels: list[str], groups: dict[str, str] | None) -> dict[str, str]:
+    names = list(dict.fromkeys((groups or {}).get(label, "") for label in labels))
+    palette = {name: GROUP_COLOURS[i % len(GROUP_COLOURS)] for i, name in enumerate(names)}
+    return {label: palette[(groups or {}).get(label, "")] for label in labels}
+
+
+def plot_gain_vs_cost(results: dict[str, Result], baseline: Result | None, groups: dict[str, str] | None = None) -> Any:
+    """Robustness gain over the baseline at the headline ε against training seconds and against image-tower
+    passes per test image (two panels), one point per result, coloured by ``groups`` (label → group)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    points = {
+        label: (r.cost, robust_gain(r, baseline))
+        for label, r in results.items()
+        if r.cost is not None and robust_gain(r, baseline) is not None
+    }
+    colours = _group_colours(list(points), groups)
+    for label, (cost, delta) in points.items():
+        passes = cost.forward_passes + cost.backward_passes
+        for ax, x in ((axes[0], cost.train_seconds), (axes[1], passes)):
+            ax.scatter([x], [delta], color=colours[label], s=40, zorder=3)
+            ax.annotate(label, (x, delta), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes[0].set_xscale("symlog", linthresh=1.0)
+    axes[0].set_xlim(left=0)
+    axes[0].set_xlabel("training time (s, symlog)")
+    axes[1].set_xlabel("image-tower passes per test image (forward + backward)")
+    axes[0].set_ylabel("robust accuracy gain over undefended (points)")
+    for ax in axes:
+        ax.axhline(0, color="#888", linewidth=1)
+        ax.grid(alpha=0.3)
+    seen_groups = {(groups or {}).get(label, ""): colours[label] for label in points}
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=colour, label=name)
+        for name, colour in seen_groups.items()
+        if name
+    ]
+    if handles:
+        axes[1].legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seen_unseen(results: dict[str, Result], baseline: Result | None = None) -> Any:
+    """Accuracy on seen against unseen classes, clean and robust at the headline ε (two panels), with the
+    diagonal: points below it lose accuracy on classes they were not fitted on."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    entries = dict(results)
+    if baseline is not None:
+        entries = {"baseline (undefended)": baseline, **entries}
+    for ax, kind in zip(axes, ("clean", "robust"), strict=True):
+        for label, result in entries.items():
+            if kind == "clean":
+                if result.clean is None:
+                    continue
+                seen, unseen = result.clean.seen, result.clean.unseen
+            else:
+                seen, unseen = _split_at_headline(result, "seen"), _split_at_headline(result, "unseen")
+            if seen is None or unseen is None:
+                continue
+            is_base = result is baseline
+            ax.scatter([seen], [unseen], marker="x" if is_base else "o", color="#555" if is_base else None, zorder=3)
+            ax.annotate(label, (seen, unseen), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.plot([0, 100], [0, 100], linestyle="--", color="#888", linewidth=1)
+        ax.set_xlim(-2, 102)
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("accuracy on seen classes (%)")
+        ax.set_ylabel("accuracy on unseen classes (%)")
+        eps = ""
+        if kind == "robust":
+            first = next((r for r in entries.values() if r.headline), None)
+            eps = f" at ε = {first.headline['eps']['display']}" if first else ""
+        ax.set_title(f"{kind}{eps}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_adaptive_gap(results: dict[str, Result], baseline: Result | None = None) -> Any:
+    """Clean, non-adaptive robust and adaptive robust accuracy at the headline ε, grouped bars per result;
+    a missing adaptive number is marked ``n/a``."""
+    import matplotlib.pyplot as plt
+
+    entries = dict(results)
+    if baseline is not None:
+        entries = {"baseline": baseline, **entries}
+    labels = list(entries)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4))
+    width = 0.27
+    series = (("clean", 0, "#9ecae1"), ("non-adaptive", 1, "#3182bd"), ("adaptive", 2, "#e6550d"))
+    for name, index, colour in series:
+        xs, ys = [], []
+        for i, label in enumerate(labels):
+            value = headline_numbers(entries[label])[index]
+            x = i + (index - 1) * width
+            if value is None:
+                if index == 2:
+                    ax.text(x, 1, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="#888")
+                continue
+            xs.append(x)
+            ys.append(value)
+        ax.bar(xs, ys, width=width, color=colour, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy at the headline ε (%)")
+    ax.set_ylim(0, 102)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep_by_method(results: dict[str, Result], split: str = "all", title: str | None = None) -> Any:
+    """Like :func:`plot_sweep`, but one colour per result: its adaptive curve is the same colour, dashed."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for index, (label, result) in enumerate(results.items()):
+        colour = f"C{index % 10}"
+        for adaptive in sorted({r.adaptive for r in result.robust}) or [False]:
+            points = sweep(result, adaptive, split)
+            if not points:
+                continue
+            ax.plot(
+                [p[0] * 255 for p in points],
+                [p[1] for p in points],
+                marker="o",
+                color=colour,
+                linestyle="--" if adaptive else "-",
+                label=label + (" (adaptive)" if adaptive else ""),
+            )
+    ax.set_xlabel("ε (×1/255, L∞)")
+    ax.set_ylabel(f"accuracy, {split} (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

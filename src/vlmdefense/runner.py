@@ -168,20 +168,24 @@ def run_one(
     }
     with tempfile.TemporaryDirectory(prefix=f".{method}-", dir=target) as scratch:
         scratch_nb = Path(scratch) / executed.name
-        scratch_result = Path(scratch) / RESULT_FILE
+        result_file.unlink(missing_ok=True)  # the notebook writes it (atomically) under its final name
         env_backup = os.environ.get("VLMDEFENSE_COMMAND")
         os.environ["VLMDEFENSE_COMMAND"] = f"vlmdefense run {method} --profile {profile}"
         try:
             papermill.execute_notebook(
                 str(source),
                 str(scratch_nb),
-                parameters={"profile": profile, "overrides": overrides or {}, "result_path": str(scratch_result)},
+                parameters={
+                    "profile": profile,
+                    "overrides": overrides or {},
+                    "result_path": str(result_file.relative_to(root)),  # relative: no machine path in the notebook
+                },
                 cwd=str(root),
                 progress_bar=progress,
                 kernel_name=kernel_name,
                 log_output=False,
             )
-            record = json.loads(scratch_result.read_text(encoding="utf-8"))
+            record = json.loads(result_file.read_text(encoding="utf-8"))
             record["run"] = run_info
             Result.model_validate(record)
         except Exception as exc:
