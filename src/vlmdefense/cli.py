@@ -435,6 +435,37 @@ def status(
     out.print(table)
 
 
+@app.command()
+def check(
+    method_id: Annotated[str, typer.Argument(metavar="ID", help="Method id.")],
+    profile: Annotated[str, typer.Option("--profile", help="Profile to run the notebook with.")] = "smoke",
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (YAML value); repeatable.")
+    ] = None,
+) -> None:
+    """Validate one entry, run its notebook, build its page; say in one screen what is missing."""
+    from vlmdefense.check import check_method
+    from vlmdefense.profiles import parse_overrides
+
+    root = _repo_root()
+    try:
+        overrides = parse_overrides(param or [])
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    report = check_method(root, method_id, profile, overrides, progress=sys.stderr.isatty())
+    marks = {True: "[green]✓[/]", False: "[bold red]✗[/]", None: "[dim]·[/]"}
+    for step in report.steps:
+        out.print(f"{marks[step.ok]} {step.name:<9} {step.detail}", highlight=False)
+        for line in step.problems:
+            out.print(f"    {line}", highlight=False, markup=False)
+    if report.missing:
+        out.print("\nstill missing (not required by the schema, expected by reviewers):", highlight=False)
+        for line in report.missing:
+            out.print(f"  - {line}", highlight=False, markup=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 model_app = typer.Typer(help="The small CLIP of the smoke profile.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
