@@ -34,6 +34,8 @@ def local_paper_like_repo(tmp_path: Path) -> Path:
             "model": {"name": "vlmd-small-clip", "pretrained": str(ensure_small_clip())},
             "dataset": "shapes",
             "transfer": None,
+            "train_dataset": "shapes",
+            "n_train": 8,
             "data_root": "data",
             "n_test": 8,
             "eps": ["1/255", "4/255"],
@@ -56,6 +58,7 @@ def test_local_checkpoint_and_image_folder_through_the_paper_code_path(tmp_path:
     assert ctx.clip.pretrained == str(ensure_small_clip())
     assert len(ctx.sets.test) == 8 and ctx.sets.transfer is None
     assert ctx.prompts.classnames == ("circle", "square")
+    assert ctx.train is not None and len(ctx.seen_train) == 4 and set(ctx.seen_train.labels.tolist()) == {0}
     result = harness.evaluate(ctx, harness.fit(ctx, Undefended(ctx.base)))
     assert result.clean is not None and result.clean.transfer is None
     assert [r.attack for r in result.robust] == ["PGD-2", "PGD-2", "worst(PGD-2, APGD-CE-2)"]

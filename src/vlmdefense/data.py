@@ -169,8 +169,10 @@ def load_image_folder(root: Path, image_size: int, limit: int | None = None) -> 
 TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}
 
 
-def load_torchvision_dataset(name: str, data_root: Path, image_size: int, limit: int | None = None) -> ImageSet:
-    """A torchvision test split from ``data_root`` (never downloaded), or an image folder of that name.
+def load_torchvision_dataset(
+    name: str, data_root: Path, image_size: int, limit: int | None = None, train: bool = False
+) -> ImageSet:
+    """A torchvision split from ``data_root`` (never downloaded), or an image folder of that name.
 
     Raises:
         FileNotFoundError: the data is not under ``data_root``.
@@ -188,7 +190,10 @@ def load_torchvision_dataset(name: str, data_root: Path, image_size: int, limit:
         [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
     )
     cls = getattr(datasets, TORCHVISION_DATASETS[name])
-    kwargs: dict[str, Any] = {"split": "test"} if name == "stl10" else {"train": False}
+    if name == "stl10":
+        kwargs: dict[str, Any] = {"split": "train" if train else "test"}
+    else:
+        kwargs = {"train": train}
     try:
         dataset = cls(str(data_root), download=False, transform=transform, **kwargs)
     except RuntimeError as exc:

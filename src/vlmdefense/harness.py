@@ -113,7 +113,7 @@ class Context:
         from vlmdefense.data import seen_mask
 
         if self.train is None:
-            raise RuntimeError("this profile has no training split")
+            raise RuntimeError("this profile has no training split: set train_dataset (and n_train) in its parameters")
         return self.train.subset(seen_mask(self.train.labels, self.prompts.seen_classes), "digits-train-seen")
 
 
@@ -134,7 +134,12 @@ def _load_sets(
             if transfer_name
             else None
         )
-        train = None
+        train_name = params.get("train_dataset")
+        train = (
+            load_torchvision_dataset(train_name, data_root, image_size, params.get("n_train"), train=True)
+            if train_name
+            else None
+        )
         templates = tuple(params.get("templates", ["a photo of a {name}."]))
         prompts = PromptSpec(
             test.classnames, templates, tuple(params.get("seen_classes", range(len(test.classnames) // 2)))
