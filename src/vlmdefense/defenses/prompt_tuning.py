@@ -1,0 +1,290 @@
+"""APT — adversarial prompt tuning of CLIP's text context (Li et al., CVPR 2024).
+
+Both encoders stay frozen; only the context vectors of the class prompt
+(``<SOT> ctx_1 … ctx_M <class name> . <EOT>``, :class:`~vlmdefense.prompt_learner.PromptLearner`)
+are learned. Every training batch of the seen classes' images is first perturbed by an L∞ PGD attack
+(uniform random start, ``steps`` signed steps of ``step_size``) against the *current* prompt-based
+zero-shot classifier — the official "on-the-fly" strategy — and the context then takes one SGD step
+on the cross-entropy of the zero-shot logits of the perturbed images. At inference the learned prompt
+replaces the hand-written templates: one forward pass of the image tower, attacked white-box as a
+``static`` defense.
+
+The paper tunes the prompt on top of an adversarially fine-tuned (TeCoA) CLIP, which is also the
+default here (``backbone: tecoa``): a TeCoA copy of the image tower is fine-tuned first on the same
+seen-class images with :class:`~vlmdefense.defenses.training_time.TeCoA`'s defaults, then frozen, and
+the hand-written prompt ensemble on that backbone is the comparison that isolates the prompt's
+effect. ``backbone: original`` tunes the prompt on the undefended small CLIP instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from vlmdefense.defenses.base import Defense
+from vlmdefense.defenses.training_time import TeCoA, _override, maximise
+from vlmdefense.evaluate import ZeroShotClassifier
+from vlmdefense.models import set_seed
+from vlmdefense.prompt_learner import ContextInit, PromptLearner
+
+if TYPE_CHECKING:
+    from vlmdefense.harness import Context
+
+
+@dataclass
+class APTConfig:
+    """APT's hyperparameters (keys of ``ctx.params`` with the same names override them).
+
+    Official defaults (README example, ``configs/trainers/APT/vit_b32_ep50.yaml``, ``train.py``): 16
+    unified context vectors, random N(0, 0.02²) start, class token at the end; SGD (momentum 0.9,
+    weight decay 5e-4), lr 0.002, cosine schedule with one constant warm-up epoch at 1e-5, 50 epochs,
+    batch 32; training attack PGD-3 with ε = 4/255 and step 2.67/255 (2/3 ε), on the fly against the
+    current prompt.
+
+    Attributes:
+        n_ctx: context vectors (the small CLIP's 16-token text context holds at most 12 besides the
+            class name; 8 is used).
+        ctx_init: ``random`` (official) or a template such as ``a photo of the digit {name}.`` whose
+            words before the class name start the context.
+        csc: class-specific contexts instead of one unified context (the paper's CSC variant).
+        epochs: passes over the seen classes' training images.
+        train_batch_size: images per step.
+        lr: peak SGD learning rate.
+        momentum, weight_decay: SGD settings (Dassl's defaults).
+        warmup_epochs: epochs at the constant warm-up rate ``warmup_lr`` before the cosine schedule.
+        warmup_lr: the warm-up learning rate.
+        train_eps: ε of the training attack; default the profile's headline ε.
+        steps: PGD steps of the training attack.
+        step_size: PGD step; default ``2/3 · train_eps`` (the official 2.67/255 at 4/255).
+        train_text: classes in the training softmax: ``all`` class names (images still come from the
+            seen classes only) or ``seen``.
+        backbone: ``tecoa`` (the paper's frozen adversarially fine-tuned CLIP, fine-tuned here first
+            on the seen classes) or ``original`` (the undefended small CLIP).
+        backbone_epochs: TeCoA epochs for ``backbone: tecoa`` (default: TeCoA's own default).
+        seed: seed of the batch order, the random start and PGD's noise.
+    """
+
+    n_ctx: int = 8
+    ctx_init: str = "random"
+    csc: bool = False
+    epochs: int = 20
+    train_batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    train_eps: float | None = None
+    steps: int = 3
+    step_size: float | None = None
+    train_text: str = "all"
+    backbone: str = "tecoa"
+    backbone_epochs: int | None = None
+    seed: int = 0
+
+
+def _lr_at(epoch: int, config: APTConfig) -> float:
+    """Dassl's schedule: constant warm-up epochs, then cosine over the remaining epochs (per epoch)."""
+    if epoch < config.warmup_epochs:
+        return config.warmup_lr
+    span = max(1, config.epochs - config.warmup_epochs)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
+
+
+class APT(Defense):
+    """Adversarial prompt tuning (Li et al., CVPR 2024): a learned text context on frozen encoders."""
+
+    id = "apt"
+    kind = "static"
+
+    def __init__(self, config: APTConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or APTConfig()
+        self.learner: PromptLearner | None = None
+        self.ctx: torch.Tensor | None = None
+        self.classifier: ZeroShotClassifier | None = None
+        self.backbone_classifier: ZeroShotClassifier | None = None
+        self.history: list[dict[str, float]] = []
+
+    @classmethod
+    def fast_overrides(cls) -> dict[str, Any]:
+        """The quick profile's budget: one epoch without warm-up, one PGD step, a one-epoch backbone."""
+        return {"epochs": 1, "warmup_epochs": 0, "steps": 1, "backbone_epochs": 1, "train_batch_size": 128}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> APT:
+        """Defaults, shrunk when ``params['fast']``, then ``params``' overrides."""
+        config = APTConfig()
+        if params.get("fast"):
+            config = _override(config, cls.fast_overrides())
+        return cls(_override(config, params))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The configuration as plain values."""
+        return dataclasses.asdict(self.config)
+
+    # ---- the backbone ------------------------------------------------------------------------------
+
+    def _backbone(self, ctx: Context) -> ZeroShotClassifier:
+        """The frozen classifier whose towers the prompt is tuned on (hand-written prompt ensemble)."""
+        c = self.config
+        if c.backbone == "original":
+            return ctx.base
+        if c.backbone != "tecoa":
+            raise ValueError(f"backbone must be 'tecoa' or 'original', not {c.backbone!r}")
+        params: dict[str, Any] = {"fast": ctx.params.get("fast", False), "seed": c.seed}
+        if c.backbone_epochs is not None:
+            params["epochs"] = c.backbone_epochs
+        tecoa = TeCoA.from_params(params)
+        findings = dict(ctx.findings)
+        tecoa.fit(ctx)
+        backbone_findings = {k: v for k, v in ctx.findings.items() if k not in findings}
+        ctx.findings.clear()
+        ctx.findings.update(findings)
+        ctx.findings["backbone"] = {
+            "method": "tecoa",
+            "hyperparameters": backbone_findings.get("hyperparameters"),
+            "fit_seconds": backbone_findings.get("fit_seconds"),
+            "last_epoch": backbone_findings.get("last_epoch"),
+        }
+        assert tecoa.classifier is not None
+        return tecoa.classifier
+
+    # ---- training ----------------------------------------------------------------------------------
+
+    def text_weights(self, ctx_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit class embeddings of the learned (or given) context."""
+        if self.learner is None:
+            raise RuntimeError("APT: call fit first")
+        return self.learner(self.ctx if ctx_vectors is None else ctx_vectors)
+
+    def fit(self, ctx: Context) -> None:
+        """Tune the context on adversarial images of the seen classes (``ctx.seen_train`` only)."""
+        c = self.config
+        start = time.perf_counter()
+        if c.train_eps is None:
+            c = self.config = dataclasses.replace(c, train_eps=ctx.headline.value)
+        assert c.train_eps is not None
+        step_size = c.step_size if c.step_size is not None else 2.0 * c.train_eps / 3.0
+        set_seed(c.seed)
+        backbone = self._backbone(ctx)
+        backbone_seconds = time.perf_counter() - start
+        self.backbone_classifier = backbone
+        clip = backbone.clip
+        init = ContextInit(n_ctx=c.n_ctx, random=True) if c.ctx_init == "random" else ContextInit(template=c.ctx_init)
+        self.learner = PromptLearner(clip, ctx.prompts, init).to(ctx.device)
+        start_ctx = self.learner.ctx_init.clone()
+        if c.csc:
+            start_ctx = start_ctx.unsqueeze(0).repeat(self.learner.n_classes, 1, 1)
+        context = torch.nn.Parameter(start_ctx)
+        optimizer = torch.optim.SGD([context], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        train = ctx.seen_train
+        classes = list(ctx.prompts.seen_classes) if c.train_text == "seen" else list(range(len(ctx.prompts.classnames)))
+        to_train = torch.full((len(ctx.prompts.classnames),), -1, dtype=torch.long, device=train.labels.device)
+        to_train[classes] = torch.arange(len(classes), device=train.labels.device)
+        scale = backbone.logit_scale
+        generator = torch.Generator().manual_seed(c.seed)
+        n = len(train)
+        per_epoch = math.ceil(n / c.train_batch_size)
+        self.history = []
+        tune_start = time.perf_counter()
+        for epoch in range(c.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(epoch, c)
+            order = torch.randperm(n, generator=generator).to(train.images.device)
+            sums = {"loss": 0.0, "train_adv_acc": 0.0}
+            for b in range(per_epoch):
+                index = order[b * c.train_batch_size : (b + 1) * c.train_batch_size]
+                images, labels = train.images[index], to_train[train.labels[index]]
+                with torch.no_grad():
+                    weights = self.learner(context)[classes]
+
+                def objective(x: torch.Tensor, w: torch.Tensor = weights, y: torch.Tensor = labels) -> torch.Tensor:
+                    return F.cross_entropy(scale * backbone.embed(x) @ w.T, y)
+
+                x_adv = maximise(objective, images, c.train_eps, c.steps, step_size)
+                with torch.no_grad():
+                    features = backbone.embed(x_adv)
+                logits = scale * features @ self.learner(context)[classes].T
+                loss = F.cross_entropy(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums["loss"] += loss.item() * len(index)
+                sums["train_adv_acc"] += 100.0 * (logits.argmax(-1) == labels).float().sum().item()
+            self.history.append({"epoch": epoch + 1, **{k: round(v / n, 4) for k, v in sums.items()}})
+        self.ctx = context.detach()
+        with torch.no_grad():
+            weights = self.learner(self.ctx)
+        self.classifier = ZeroShotClassifier(clip, ctx.prompts, text_weights=weights).to(ctx.device)
+        for parameter in self.classifier.parameters():
+            parameter.requires_grad_(False)
+        ctx.findings.update(self.summary(ctx, backbone_seconds, time.perf_counter() - tune_start))
+
+    # ---- inference ---------------------------------------------------------------------------------
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        if self.classifier is None:
+            raise RuntimeError("APT: call fit first")
+        self.counter.forward += len(images)
+        self.counter.images += len(images)
+        return self.classifier(images)
+
+    # ---- findings ----------------------------------------------------------------------------------
+
+    def summary(self, ctx: Context, backbone_seconds: float, tune_seconds: float) -> dict[str, Any]:
+        """Hyperparameters, the loss curve, how far the context moved, and what the learned prompt
+        changes in the class embeddings."""
+        assert self.learner is not None and self.ctx is not None and self.backbone_classifier is not None
+        init = self.learner.ctx_init
+        moved = self.ctx - (init if self.ctx.dim() == 2 else init.unsqueeze(0))
+        with torch.no_grad():
+            learned = self.learner(self.ctx)
+            hand = self.backbone_classifier.text_weights
+            cosine = F.cosine_similarity(learned, hand, dim=-1)
+            gram = learned @ learned.T
+            off_diagonal = gram[~torch.eye(len(gram), dtype=torch.bool, device=gram.device)]
+        return {
+            "method": self.id,
+            "hyperparameters": self.hyperparameters(),
+            "train_images": len(ctx.seen_train),
+            "train_classes": list(ctx.prompts.seen_classes),
+            "backbone_seconds": round(backbone_seconds, 2),
+            "prompt_tuning_seconds": round(tune_seconds, 2),
+            "prompt_parameters": int(self.ctx.numel()),
+            "initial_prompt": self.learner.prompt_texts[0],
+            "loss_curve": self.history,
+            "first_epoch": self.history[0] if self.history else None,
+            "last_epoch": self.history[-1] if self.history else None,
+            "context_norm": {
+                "initial": round(float(init.norm(dim=-1).mean()), 4),
+                "learned": round(float(self.ctx.norm(dim=-1).mean()), 4),
+                "moved": round(float(moved.norm(dim=-1).mean()), 4),
+            },
+            "class_embedding_cosine_to_hand_prompts": [round(float(v), 4) for v in cosine],
+            "mean_cosine_between_learned_class_embeddings": round(float(off_diagonal.mean()), 4),
+        }
+
+
+def hand_prompt_robustness(ctx: Context, defense: APT, steps: int | None = None) -> dict[str, Any]:
+    """Clean and PGD accuracy (at the headline ε, the profile's sweep steps) of the *same backbone*
+    with the hand-written prompt ensemble and with the learned prompt: the prompt's own contribution."""
+    from vlmdefense.attacks import PGD
+    from vlmdefense.evaluate import clean_accuracy, robust_accuracy
+
+    assert defense.backbone_classifier is not None
+    steps = int(ctx.params["sweep_attack"]["steps"]) if steps is None else steps
+    attack = PGD(eps=ctx.headline.value, steps=steps)
+    out: dict[str, Any] = {"eps": ctx.headline.display, "attack": attack.name}
+    for name, predictor in (("hand_prompts", defense.backbone_classifier), ("learned_prompt", defense.predict)):
+        clean = clean_accuracy(predictor, ctx.sets, ctx.params["batch_size"])
+        set_seed(int(ctx.params.get("seed", 0)))
+        robust, _ = robust_accuracy(predictor, predictor, attack, ctx.sets, ctx.params["batch_size"])
+        out[name] = {"clean": clean.as_dict(), "robust": robust.as_dict()}
+    return out
