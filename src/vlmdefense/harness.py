@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,65 +202,57 @@ def setup(
     )
 
 
-def _attack_rows(ctx: Context, defense: Defense, budget: Budget, attack: Any, steps: int) -> list[RobustRecord]:
-    """Robust accuracy of ``defense`` under ``attack`` at ``budget``: non-adaptive and adaptive for
-    inference-time defenses, a direct white-box attack for static ones."""
-    rows = []
-    norm = getattr(attack, "norm", "linf")
+AttackFactory = Callable[[int], Any]
+
+
+def _measure(
+    ctx: Context, defense: Defense, budget: Budget, make: AttackFactory, steps: int, eot: int, target: str
+) -> RobustRecord:
+    """One robust-accuracy row: ``defense`` predicts on images crafted against ``target``."""
+    adaptive = target == "defended-pipeline"
+    attacked = {"base-model": ctx.base, "defended-model": defense.predict}.get(target) or defense.attack_surface()
+    attack = make(eot if adaptive else 1)  # the base model and a static defense are deterministic: no EOT
     name = getattr(attack, "name", type(attack).__name__)
+    set_seed(int(ctx.params.get("seed", 0)))
+    acc, seconds = robust_accuracy(
+        defense.predict,
+        attacked,
+        attack,
+        ctx.sets,
+        ctx.params["batch_size"],
+        desc=f"{name} {budget.display} ({target})",
+    )
+    norm = getattr(attack, "norm", "linf")
+    return RobustRecord(name, norm, budget.value, budget.display, steps, adaptive, acc, seconds, target)
+
+
+def _attack_rows(ctx: Context, defense: Defense, budget: Budget, make: AttackFactory, steps: int) -> list[RobustRecord]:
+    """A static defense is attacked white-box; an inference-time defense twice: through the base model
+    (non-adaptive, as many papers report) and through its whole pipeline (adaptive, EOT when randomised)."""
     if defense.kind == "static":
-        set_seed(int(ctx.params.get("seed", 0)))
-        acc, seconds = robust_accuracy(
-            defense.predict,
-            defense.predict,
-            attack,
-            ctx.sets,
-            ctx.params["batch_size"],
-            desc=f"{name} {budget.display}",
-        )
-        rows.append(
-            RobustRecord(name, norm, budget.value, budget.display, steps, False, acc, seconds, "defended-model")
-        )
-        return rows
-    set_seed(int(ctx.params.get("seed", 0)))
-    acc, seconds = robust_accuracy(
-        defense.predict,
-        ctx.base,
-        attack,
-        ctx.sets,
-        ctx.params["batch_size"],
-        desc=f"{name} {budget.display} (non-adaptive)",
-    )
-    rows.append(RobustRecord(name, norm, budget.value, budget.display, steps, False, acc, seconds, "base-model"))
-    set_seed(int(ctx.params.get("seed", 0)))
-    acc, seconds = robust_accuracy(
-        defense.predict,
-        defense.attack_surface(),
-        attack,
-        ctx.sets,
-        ctx.params["batch_size"],
-        desc=f"{name} {budget.display} (adaptive)",
-    )
-    rows.append(RobustRecord(name, norm, budget.value, budget.display, steps, True, acc, seconds, "defended-pipeline"))
-    return rows
-
-
-def _build(spec: dict[str, Any], budget: Budget, eot: int) -> Any:
-    return make_attack(spec["name"], budget.value, int(spec["steps"]), spec.get("norm", "linf"), eot)
+        return [_measure(ctx, defense, budget, make, steps, 1, "defended-model")]
+    eot = int(ctx.params.get("eot_samples", 1)) if defense.randomized else 1
+    return [_measure(ctx, defense, budget, make, steps, eot, target) for target in ("base-model", "defended-pipeline")]
 
 
 def robustness(ctx: Context, defense: Defense) -> list[RobustRecord]:
     """The ε sweep with the profile's sweep attack, then the worst case over all attacks at the headline ε."""
-    eot = int(ctx.params.get("eot_samples", 1)) if defense.randomized else 1
+
+    def factory(specs: list[dict[str, Any]], budget: Budget) -> AttackFactory:
+        def make(eot: int) -> Any:
+            attacks = [make_attack(s["name"], budget.value, int(s["steps"]), s.get("norm", "linf"), eot) for s in specs]
+            return attacks[0] if len(attacks) == 1 else WorstCase(attacks)
+
+        return make
+
     rows: list[RobustRecord] = []
     sweep = ctx.params["sweep_attack"]
     for budget in ctx.eps:
-        rows += _attack_rows(ctx, defense, budget, _build(sweep, budget, eot), int(sweep["steps"]))
+        rows += _attack_rows(ctx, defense, budget, factory([sweep], budget), int(sweep["steps"]))
     specs = ctx.params["attacks"]
     if len(specs) > 1 or specs[0] != sweep:
-        attacks = [_build(spec, ctx.headline, eot) for spec in specs]
-        worst = WorstCase(attacks)
-        rows += _attack_rows(ctx, defense, ctx.headline, worst, max(int(s["steps"]) for s in specs))
+        steps = max(int(s["steps"]) for s in specs)
+        rows += _attack_rows(ctx, defense, ctx.headline, factory(specs, ctx.headline), steps)
     return rows
 
 
