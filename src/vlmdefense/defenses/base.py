@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
+from vlmdefense.catalog import parse_epsilon
 from vlmdefense.evaluate import PassCounter
 
 if TYPE_CHECKING:
+    from vlmdefense.evaluate import ZeroShotClassifier
     from vlmdefense.harness import Context
+    from vlmdefense.models import LoadedClip
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -61,3 +65,95 @@ class Undefended(Defense):
         self.counter.forward += len(images)
         self.counter.images += len(images)
         return self.classifier(images)
+
+
+def override_config(config: Any, params: dict[str, Any]) -> Any:
+    """``config`` (a dataclass) with every field that ``params`` names replaced, cast to the field's type.
+
+    A float field also takes ε notation (``'8/255'``); ``None`` in ``params`` leaves a field alone.
+    """
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = params.get(f.name)
+        if value is None:
+            continue
+        kind = str(f.type)
+        if "bool" in kind:
+            value = bool(value)
+        elif "int" in kind:
+            value = int(value)
+        elif "float" in kind and not isinstance(value, str):
+            value = float(value)
+        elif "float" in kind:
+            try:
+                value = parse_epsilon(value)[0]
+            except ValueError:
+                if "str" not in kind:  # a field typed float | str keeps a word such as "calibrate"
+                    raise
+        changes[f.name] = value
+    return dataclasses.replace(config, **changes)
+
+
+class ConfiguredDefense(Defense):
+    """A defense whose hyperparameters are a dataclass: paper defaults, shrunk when the profile says
+    ``fast``, then overridden by any parameter of the same name (``vlmdefense run ID -p steps=3``)."""
+
+    config_class: ClassVar[type] = object
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else self.default_config()
+
+    @classmethod
+    def default_config(cls) -> Any:
+        """The method's defaults, scaled to the small CLIP."""
+        return cls.config_class()
+
+    @classmethod
+    def fast_overrides(cls) -> dict[str, Any]:
+        """Budget changes for the quick profile (``fast: true``)."""
+        return {}
+
+    @classmethod
+    def config_from_params(cls, params: dict[str, Any]) -> Any:
+        """Defaults, shrunk when ``params['fast']``, then ``params``' overrides."""
+        config = cls.default_config()
+        if params.get("fast"):
+            config = override_config(config, cls.fast_overrides())
+        return override_config(config, params)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Any:
+        """An instance configured by :meth:`config_from_params`."""
+        return cls(cls.config_from_params(params))
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The configuration as plain values (stored in the findings)."""
+        return dataclasses.asdict(self.config)
+
+
+class InferenceDefense(ConfiguredDefense):
+    """A defense that acts at inference on top of the frozen base classifier (bound at ``fit``)."""
+
+    kind = "inference"
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self.base: ZeroShotClassifier | None = None
+
+    def bind(self, classifier: ZeroShotClassifier) -> None:
+        """Use ``classifier`` (frozen) as the base model without the rest of ``fit``."""
+        self.base = classifier
+
+    def fit(self, ctx: Context) -> None:
+        self.bind(ctx.base)
+
+    @property
+    def clip(self) -> LoadedClip:
+        """The base classifier's CLIP."""
+        return self._base().clip
+
+    def _base(self) -> ZeroShotClassifier:
+        if self.base is None:
+            raise RuntimeError(f"{type(self).__name__}: call fit(ctx) (or bind) before predicting")
+        return self.base

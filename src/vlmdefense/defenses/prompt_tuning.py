@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.defenses.base import Defense
-from vlmdefense.defenses.training_time import TeCoA, _override, maximise
+from vlmdefense.defenses.base import ConfiguredDefense
+from vlmdefense.defenses.training_time import TeCoA, maximise
 from vlmdefense.evaluate import ZeroShotClassifier
 from vlmdefense.models import set_seed
 from vlmdefense.prompt_learner import ContextInit, PromptLearner
@@ -97,15 +97,15 @@ def _lr_at(epoch: int, config: APTConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
 
 
-class APT(Defense):
+class APT(ConfiguredDefense):
     """Adversarial prompt tuning (Li et al., CVPR 2024): a learned text context on frozen encoders."""
 
     id = "apt"
     kind = "static"
+    config_class = APTConfig
 
     def __init__(self, config: APTConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or APTConfig()
+        super().__init__(config)
         self.learner: PromptLearner | None = None
         self.ctx: torch.Tensor | None = None
         self.classifier: ZeroShotClassifier | None = None
@@ -116,18 +116,6 @@ class APT(Defense):
     def fast_overrides(cls) -> dict[str, Any]:
         """The quick profile's budget: one epoch without warm-up, one PGD step, a one-epoch backbone."""
         return {"epochs": 1, "warmup_epochs": 0, "steps": 1, "backbone_epochs": 1, "train_batch_size": 128}
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> APT:
-        """Defaults, shrunk when ``params['fast']``, then ``params``' overrides."""
-        config = APTConfig()
-        if params.get("fast"):
-            config = _override(config, cls.fast_overrides())
-        return cls(_override(config, params))
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The configuration as plain values."""
-        return dataclasses.asdict(self.config)
 
     # ---- the backbone ------------------------------------------------------------------------------
 

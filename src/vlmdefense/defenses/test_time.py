@@ -31,13 +31,13 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.defenses.base import Defense, Predictor
-from vlmdefense.defenses.training_time import _override, maximise
+from vlmdefense.defenses.base import InferenceDefense, Predictor
+from vlmdefense.defenses.training_time import maximise
 from vlmdefense.models import set_seed
 from vlmdefense.prompt_learner import ContextInit, PromptLearner, VisualPromptEncoder
 
@@ -109,39 +109,10 @@ def _gather_views(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, expanded)
 
 
-class TestTimeDefense(Defense):
-    """Shared plumbing: the config, ``from_params``, the frozen base classifier."""
+class TestTimeDefense(InferenceDefense):
+    """A test-time adaptation defense: prompts tuned per input on random views, so it is randomised."""
 
-    kind = "inference"
     randomized = True
-    config_class: ClassVar[type] = object
-
-    def __init__(self, config: Any = None) -> None:
-        super().__init__()
-        self.config = config if config is not None else self.config_class()
-        self.base: ZeroShotClassifier | None = None
-
-    @classmethod
-    def fast_overrides(cls) -> dict[str, Any]:
-        """Budget changes for the quick profile (``fast: true``)."""
-        return {}
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> TestTimeDefense:
-        """Defaults, shrunk when ``params['fast']``, then ``params``' overrides."""
-        config = cls.config_class()
-        if params.get("fast"):
-            config = _override(config, cls.fast_overrides())
-        return cls(_override(config, params))
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The configuration as plain values."""
-        return dataclasses.asdict(self.config)
-
-    def _base(self) -> ZeroShotClassifier:
-        if self.base is None:
-            raise RuntimeError(f"{type(self).__name__}: call fit(ctx) before predicting")
-        return self.base
 
 
 # ---------------------------------------------------------------------------------------------- R-TPT

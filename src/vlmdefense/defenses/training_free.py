@@ -26,89 +26,23 @@ differentiable and attacked end to end.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from vlmdefense.catalog import parse_epsilon
-from vlmdefense.defenses.base import Defense, Predictor
+from vlmdefense.defenses.base import InferenceDefense, Predictor
 
 if TYPE_CHECKING:
     from vlmdefense.evaluate import ZeroShotClassifier
     from vlmdefense.harness import Context
-    from vlmdefense.models import LoadedClip
-
-EPS_KEYS = {"ttc_eps", "ttc_step_size"}
 
 
-def _override(config: Any, params: dict[str, Any]) -> Any:
-    """``config`` with every field that ``params`` names replaced (ε-like values parsed from '4/255')."""
-    changes: dict[str, Any] = {}
-    for f in fields(config):
-        if f.name not in params or params[f.name] is None:
-            continue
-        value = params[f.name]
-        current = getattr(config, f.name)
-        if f.name in EPS_KEYS:
-            value = parse_epsilon(value)[0]
-        elif isinstance(current, bool):
-            value = bool(value)
-        elif isinstance(current, int):
-            value = int(value)
-        elif isinstance(current, float) and not isinstance(value, str):
-            value = float(value)
-        changes[f.name] = value
-    return dataclasses.replace(config, **changes)
-
-
-class TrainingFreeDefense(Defense):
-    """Shared plumbing: the config, ``from_params`` and the frozen base classifier bound at ``fit``."""
-
-    kind = "inference"
-    config_class: ClassVar[type] = object
-
-    def __init__(self, config: Any = None) -> None:
-        super().__init__()
-        self.config = config if config is not None else self.config_class()
-        self.base: ZeroShotClassifier | None = None
-
-    @classmethod
-    def fast_overrides(cls) -> dict[str, Any]:
-        """Budget changes for the quick profile (``fast: true``)."""
-        return {}
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> TrainingFreeDefense:
-        """An instance with the paper defaults, shrunk when ``params['fast']``, then ``params``' overrides."""
-        config = cls.config_class()
-        if params.get("fast"):
-            config = _override(config, cls.fast_overrides())
-        return cls(_override(config, params))
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The configuration as plain values (for findings)."""
-        return dataclasses.asdict(self.config)
-
-    def bind(self, classifier: ZeroShotClassifier) -> None:
-        """Use ``classifier`` (frozen) as the base model without the rest of ``fit``."""
-        self.base = classifier
-
-    def fit(self, ctx: Context) -> None:
-        self.bind(ctx.base)
-
-    @property
-    def clip(self) -> LoadedClip:
-        """The base classifier's CLIP."""
-        return self._base().clip
-
-    def _base(self) -> ZeroShotClassifier:
-        if self.base is None:
-            raise RuntimeError(f"{type(self).__name__}: call fit(ctx) (or bind) before predicting")
-        return self.base
+class TrainingFreeDefense(InferenceDefense):
+    """A training-free defense: nothing is learned, the frozen base classifier is bound at ``fit``."""
 
 
 # ----------------------------------------------------------------------------------------------- TTC

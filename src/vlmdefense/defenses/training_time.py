@@ -27,16 +27,15 @@ import copy
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from vlmdefense.attacks import project, random_start
-from vlmdefense.catalog import parse_epsilon
 from vlmdefense.data import seen_mask
-from vlmdefense.defenses.base import Defense
+from vlmdefense.defenses.base import Defense, override_config
 from vlmdefense.evaluate import ZeroShotClassifier
 from vlmdefense.models import set_seed
 
@@ -83,23 +82,6 @@ class FineTuneConfig:
     train_text: str = "all"
     train_limit: int | None = None
     seed: int = 0
-
-
-def _override(config: Any, params: dict[str, Any]) -> Any:
-    """``config`` with every field that ``params`` names replaced (ε values parsed from '8/255')."""
-    changes: dict[str, Any] = {}
-    for f in fields(config):
-        if f.name not in params or params[f.name] is None:
-            continue
-        value = params[f.name]
-        if f.name in {"train_eps", "step_size"}:
-            value = parse_epsilon(value)[0]
-        elif f.name == "train_limit" or isinstance(getattr(config, f.name), int):
-            value = int(value)
-        elif isinstance(getattr(config, f.name), float):
-            value = float(value)
-        changes[f.name] = value
-    return dataclasses.replace(config, **changes)
 
 
 def maximise(
@@ -171,8 +153,8 @@ class AdversarialFineTuning(Defense):
         """An instance with the defaults, shrunk when ``params['fast']``, then ``params``' overrides."""
         config = cls.default_config()
         if params.get("fast"):
-            config = _override(config, cls.fast_overrides())
-        config = _override(config, params)
+            config = override_config(config, cls.fast_overrides())
+        config = override_config(config, params)
         extra = {k: params[k] for k in cls.extra_keys() if k in params}
         return cls(config, **extra)
 
