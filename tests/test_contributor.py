@@ -109,9 +109,7 @@ def copy_repo(tmp_path: Path) -> Path:
     for name in ("catalog", "docs"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "mkdocs.yml", root / "mkdocs.yml")
-    (root / "notebooks").mkdir()
-    for name in ("_template.ipynb", "baseline.ipynb"):
-        shutil.copy(REPO / "notebooks" / name, root / "notebooks" / name)
+    shutil.copytree(REPO / "notebooks", root / "notebooks")
     (root / "reproductions").mkdir()
     shutil.copy(REPO / "reproductions" / "profiles.yaml", root / "reproductions" / "profiles.yaml")
     shutil.copytree(REPO / "reproductions" / "baseline" / "smoke", root / "reproductions" / "baseline" / "smoke")
