@@ -125,6 +125,15 @@ def _failure_record(
     }
 
 
+def _relative_metadata(executed: Path, root: Path, source: Path) -> None:
+    """Keep machine paths out of the executed notebook: papermill records absolute input/output paths."""
+    notebook = nbformat.read(str(executed), as_version=4)
+    meta = notebook.metadata.get("papermill", {})
+    meta["input_path"] = str(source.relative_to(root))
+    meta["output_path"] = str(executed.relative_to(root))
+    nbformat.write(notebook, str(executed))
+
+
 def _short_error(exc: BaseException) -> str:
     name = getattr(exc, "ename", type(exc).__name__)
     value = getattr(exc, "evalue", str(exc))
@@ -194,6 +203,7 @@ def run_one(
             logger.debug("run %s/%s failed:\n%s", method, profile, traceback.format_exc())
             if scratch_nb.is_file():
                 shutil.move(str(scratch_nb), executed)
+                _relative_metadata(executed, root, source)
             atomic_write_json(
                 result_file,
                 _failure_record(method, profile, params, {**run_info, "error": message}, started, seconds, root),
@@ -205,6 +215,7 @@ def run_one(
             else:
                 os.environ["VLMDEFENSE_COMMAND"] = env_backup
         shutil.move(str(scratch_nb), executed)
+        _relative_metadata(executed, root, source)
         atomic_write_json(result_file, record)
     return RunOutcome(method, profile, "ran", time.perf_counter() - start)
 
