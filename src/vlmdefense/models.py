@@ -186,12 +186,13 @@ def _random_translate(images: torch.Tensor, pixels: int, generator: torch.Genera
     return out
 
 
-def _lr_at(step: int, total: int, recipe: Recipe) -> float:
-    warmup = max(1, int(recipe.warmup_fraction * total))
+def warmup_cosine_lr(step: int, total: int, peak: float, warmup_fraction: float) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up to ``peak``, then cosine decay to zero."""
+    warmup = max(1, int(warmup_fraction * total))
     if step < warmup:
-        return recipe.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return recipe.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -242,7 +243,7 @@ def train_small_clip(
             template = torch.randint(0, captions.shape[1], (len(idx),), generator=generator)
             texts = captions[labels, template]
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, total, recipe)
+                group["lr"] = warmup_cosine_lr(step, total, recipe.lr, recipe.warmup_fraction)
             image_features = F.normalize(model.encode_image((images - mean) / std), dim=-1)
             text_features = F.normalize(model.encode_text(texts), dim=-1)
             loss = loss_fn(image_features, text_features, model.logit_scale.exp())

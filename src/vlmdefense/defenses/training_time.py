@@ -37,7 +37,7 @@ from vlmdefense.attacks import project, random_start
 from vlmdefense.data import seen_mask
 from vlmdefense.defenses.base import Defense, override_config
 from vlmdefense.evaluate import ZeroShotClassifier
-from vlmdefense.models import set_seed
+from vlmdefense.models import set_seed, warmup_cosine_lr
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -102,13 +102,6 @@ def maximise(
         grad = torch.autograd.grad(objective(x_), x_)[0]
         x = (images + project(x_.detach() + step_size * grad.sign() - images, eps, "linf")).clamp(0, 1)
     return x.detach()
-
-
-def _lr_at(step: int, total: int, peak: float, warmup_fraction: float) -> float:
-    warmup = max(1, int(warmup_fraction * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -254,7 +247,7 @@ class AdversarialFineTuning(Defense):
                 )
                 model.train()
                 for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(step, total, c.lr, c.warmup_fraction)
+                    group["lr"] = warmup_cosine_lr(step, total, c.lr, c.warmup_fraction)
                 loss, parts = self.training_loss(batch, x_adv)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
