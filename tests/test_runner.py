@@ -99,6 +99,23 @@ def test_a_failed_run_is_recorded_and_does_not_stop_the_others(tmp_path: Path, r
     assert run_state(root, "broken", "quick") is RunState.FAILED
 
 
+def test_a_notebook_that_writes_no_fresh_result_fails_instead_of_passing_off_the_old_one(
+    tmp_path: Path, repo: Path
+) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(repo, root)
+    old = root / "reproductions/baseline/quick/result.json"
+    silent = nbformat.read(str(root / "notebooks/baseline.ipynb"), as_version=4)
+    silent.cells = [c for c in silent.cells if "parameters" in c.metadata.get("tags", [])]
+    nbformat.write(silent, str(root / "notebooks/silent.ipynb"))
+    target = root / "reproductions/silent/quick"
+    target.mkdir(parents=True)
+    shutil.copy(old, target / "result.json")
+    outcome = run_one(root, "silent", "quick", force=True, progress=False)
+    assert outcome.state == "failed" and "did not write reproductions/silent/quick/result.json" in outcome.message
+    assert json.loads((target / "result.json").read_text())["status"] == "failed"
+
+
 def test_cli_run_and_status(tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "copy"
     shutil.copytree(repo, root)
@@ -123,6 +140,9 @@ def test_profiles_and_overrides() -> None:
     quick = profiles["quick"]
     assert quick["model"] == profiles["smoke"]["model"] and quick["n_test"] == 40 and "extends" not in quick
     assert profiles["smoke"]["headline_eps"] == "8/255"
+    assert profiles["smoke"]["methods"] and quick["methods"] == {}, "a profile's own methods replace its parent's"
+    assert method_parameters(profiles["smoke"], "r-tpt")["n_test"] == 60
+    assert method_parameters(quick, "r-tpt")["n_test"] == 40
     assert profiles["paper"]["model"] == {"name": "ViT-B-32", "pretrained": "openai"}
     overrides = parse_overrides(["n_test=12", "eps=[1/255, 4/255]", "pretrained=/ckpt/model.pt", "model.name=RN50"])
     assert overrides == {

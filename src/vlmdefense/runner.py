@@ -177,7 +177,10 @@ def run_one(
     }
     with tempfile.TemporaryDirectory(prefix=f".{method}-", dir=target) as scratch:
         scratch_nb = Path(scratch) / executed.name
-        result_file.unlink(missing_ok=True)  # the notebook writes it (atomically) under its final name
+        # The notebook writes result.json (atomically) under its final name; the previous record stays in
+        # place until then, so an interrupted run loses nothing. A fresh record differs from it (its
+        # provenance carries the start time and duration).
+        previous = result_file.read_bytes() if result_file.is_file() else None
         env_backup = os.environ.get("VLMDEFENSE_COMMAND")
         os.environ["VLMDEFENSE_COMMAND"] = f"vlmdefense run {method} --profile {profile}"
         try:
@@ -194,6 +197,8 @@ def run_one(
                 kernel_name=kernel_name,
                 log_output=False,
             )
+            if not result_file.is_file() or result_file.read_bytes() == previous:
+                raise RuntimeError(f"the notebook did not write {result_file.relative_to(root)}")
             record = json.loads(result_file.read_text(encoding="utf-8"))
             record["run"] = run_info
             Result.model_validate(record)
