@@ -15,7 +15,9 @@ PROFILES_FILE = Path("reproductions") / "profiles.yaml"
 
 
 def load_profiles(root: Path) -> dict[str, dict[str, Any]]:
-    """All profiles of ``root/reproductions/profiles.yaml``, with ``extends`` resolved.
+    """All profiles of ``root/reproductions/profiles.yaml``, with ``extends`` resolved: a profile inherits
+    its parent's keys (nested mappings merge), except ``methods``, which a profile that names it replaces
+    (per-method budgets belong to one profile).
 
     Raises:
         ProblemsError: the file is missing, invalid, or a profile extends an unknown one.
@@ -33,6 +35,8 @@ def load_profiles(root: Path) -> dict[str, dict[str, Any]]:
         if parent is not None and parent not in raw:
             raise ProblemsError([doc.problem((name, "extends"), f"unknown profile {parent!r}")])
         base = copy.deepcopy(raw[parent]) if parent else {}
+        if "methods" in body:
+            base.pop("methods", None)
         merged = deep_merge(base, {k: v for k, v in body.items() if k != "extends"})
         merged["name"] = name
         resolved[name] = merged
