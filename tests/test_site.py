@@ -179,6 +179,19 @@ def test_text_escapes_html_and_markdown() -> None:
     assert site.fence("x ``` y").startswith("````")
 
 
+def test_an_assumption_the_sources_leave_open_shows_as_not_stated() -> None:
+    import yaml
+
+    data = yaml.safe_load(VALID_ENTRY.format(id="open-facts", related="[]"))
+    data["links"]["arxiv"] = "2401.00001"  # plain YAML reads the id as a number; the catalog's loader keeps text
+    data["assumptions"]["needs_labels"] = None
+    entry = Entry.model_validate(data)
+    assert "| Needs labelled data | not stated |" in site._assumptions_table(entry)
+    assert "labels?" in site._assumption_tags(entry)
+    data["assumptions"]["needs_labels"] = True
+    assert "labels" in site._assumption_tags(Entry.model_validate(data))
+
+
 def test_generated_pages_exist_for_every_entry(tmp_path: Path) -> None:
     generated = site.generate(REPO, tmp_path / "docs")
     files = set(generated.files)

@@ -150,11 +150,14 @@ class Assumptions(StrictModel):
     """What the defense needs and changes; the last three flags decide how it must be evaluated."""
 
     modifies_weights: bool = Field(description="the model's weights are changed")
-    needs_labels: bool = Field(description="labelled data is needed (for training or adaptation)")
+    needs_labels: bool | None = Field(
+        description="labelled data is needed (for training or adaptation); null when the sources do not say"
+    )
     training_data: str = Field(description="what data trains it ('none' for training-free)")
     test_time_gradients: bool = Field(description="gradients are computed at inference")
-    needs_clean_reference: bool = Field(
-        description="needs clean data or the original model's clean outputs as a reference"
+    needs_clean_reference: bool | None = Field(
+        description="needs clean data or the original model's clean outputs as a reference; null when the sources "
+        "do not say"
     )
     needs_text_encoder: bool = Field(True, description="uses the text encoder (class prompts)")
     randomized: bool = Field(description="the prediction is random (noise, augmentations)")

@@ -179,7 +179,7 @@ def _csv_row(entry: Entry) -> list[str]:
         entry.links.doi or "",
         entry.links.code or "",
         str(a.modifies_weights).lower(),
-        str(a.needs_labels).lower(),
+        "not stated" if a.needs_labels is None else str(a.needs_labels).lower(),
         str(a.test_time_gradients).lower(),
         str(a.randomized).lower(),
         str(a.inference_time_optimization).lower(),

@@ -141,8 +141,9 @@ def fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
-def yes_no(value: bool) -> str:
-    return "yes" if value else "no"
+def yes_no(value: bool | None) -> str:
+    """yes / no, or "not stated" for a fact the sources leave open (null in the catalog)."""
+    return "not stated" if value is None else "yes" if value else "no"
 
 
 def sortable(value: Any, shown: str) -> str:
@@ -315,7 +316,14 @@ def _short_flags(entry: Entry) -> list[str]:
 
 def _assumption_tags(entry: Entry) -> list[str]:
     a = entry.assumptions
-    return [short for key, (_, short) in ASSUMPTION_LABELS.items() if short and getattr(a, key)]
+    tags = []
+    for key, (_, short) in ASSUMPTION_LABELS.items():
+        value = getattr(a, key)
+        if short and value is None:
+            tags.append(f"{short}?")  # the sources leave it open
+        elif short and value:
+            tags.append(short)
+    return tags
 
 
 def methods_table(data: SiteData, entries: list[Entry], from_page: str) -> str:
@@ -602,7 +610,7 @@ def _assumptions_table(entry: Entry) -> str:
     rows = []
     for key, (label, _) in ASSUMPTION_LABELS.items():
         value = getattr(entry.assumptions, key)
-        rows.append([text(label), yes_no(value) if isinstance(value, bool) else text(value)])
+        rows.append([text(label), yes_no(value) if value is None or isinstance(value, bool) else text(value)])
     c = entry.cost
     rows += [
         ["Training cost", text(c.training)],
