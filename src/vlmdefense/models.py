@@ -252,7 +252,7 @@ def train_small_clip(
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(recipe.max_logit_scale))
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             bar.update(1)
     bar.close()
