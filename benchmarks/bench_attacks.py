@@ -48,9 +48,11 @@ def main() -> None:
     ours = PGD(eps=eps, steps=steps, alpha=alpha)
     theirs = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps)
 
+    start = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)  # PGD's inputs are perturbed images
+
     def floor() -> None:
         for _ in range(steps):
-            xi = x.detach().requires_grad_(True)
+            xi = start.detach().requires_grad_(True)
             loss = F.cross_entropy(model(xi), y, reduction="sum")
             torch.autograd.grad(loss, xi)
 
