@@ -155,3 +155,24 @@ def test_profiles_and_overrides() -> None:
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
     with pytest.raises(ValueError):
         parse_overrides(["=3"])
+
+
+def test_run_outputs_do_not_make_the_checkout_dirty(tmp_path: Path) -> None:
+    import subprocess
+
+    from vlmdefense.provenance import git_state
+
+    root = tmp_path / "git"
+    (root / "reproductions" / "tte" / "smoke").mkdir(parents=True)
+    (root / "reproductions" / "profiles.yaml").write_text("smoke: {}\n")
+    (root / "reproductions" / "tte" / "smoke" / "result.json").write_text("{}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "."], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
+    commit, dirty = git_state(root)
+    assert commit and dirty is False
+    (root / "reproductions" / "tte" / "smoke" / "result.json").write_text('{"new": 1}\n')
+    assert git_state(root) == (commit, False), "a rewritten result is an output, not an input"
+    (root / "reproductions" / "profiles.yaml").write_text("smoke: {n_test: 1}\n")
+    assert git_state(root) == (commit, True), "the profiles are an input"

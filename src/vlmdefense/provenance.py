@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+OUTPUTS_PATHSPEC = ":(exclude,glob)reproductions/*/*/**"
 PACKAGES = (
     "vlmdefense",
     "torch",
@@ -24,13 +25,17 @@ PACKAGES = (
 
 
 def git_state(root: Path) -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout at ``root``; ``(None, None)`` outside git."""
+    """``(commit, dirty)`` of the checkout at ``root``; ``(None, None)`` outside git.
+
+    Run outputs (``reproductions/<id>/<profile>/``) do not make the checkout dirty: a run of several
+    notebooks rewrites them one after another, and they are what a run produces, not what it reads.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", OUTPUTS_PATHSPEC],
             cwd=root,
             capture_output=True,
             text=True,
