@@ -67,6 +67,11 @@ class Undefended(Defense):
         return self.classifier(images)
 
 
+def with_training_eps(config: Any, ctx: Context) -> Any:
+    """``config`` with its ``train_eps`` set to the profile's headline ε when it is unset."""
+    return config if config.train_eps is not None else dataclasses.replace(config, train_eps=ctx.headline.value)
+
+
 def override_config(config: Any, params: dict[str, Any]) -> Any:
     """``config`` (a dataclass) with every field that ``params`` names replaced, cast to the field's type.
 

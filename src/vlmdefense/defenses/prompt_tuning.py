@@ -18,7 +18,6 @@ effect. ``backbone: original`` tunes the prompt on the undefended small CLIP ins
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.defenses.base import ConfiguredDefense
+from vlmdefense.defenses.base import ConfiguredDefense, with_training_eps
 from vlmdefense.defenses.training_time import TeCoA, maximise
 from vlmdefense.evaluate import ZeroShotClassifier
 from vlmdefense.models import set_seed
@@ -156,8 +155,7 @@ class APT(ConfiguredDefense):
         """Tune the context on adversarial images of the seen classes (``ctx.seen_train`` only)."""
         c = self.config
         start = time.perf_counter()
-        if c.train_eps is None:
-            c = self.config = dataclasses.replace(c, train_eps=ctx.headline.value)
+        c = self.config = with_training_eps(c, ctx)
         assert c.train_eps is not None
         step_size = c.step_size if c.step_size is not None else 2.0 * c.train_eps / 3.0
         set_seed(c.seed)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.defenses.base import InferenceDefense, Predictor
+from vlmdefense.defenses.base import InferenceDefense, Predictor, with_training_eps
 from vlmdefense.defenses.training_time import maximise
 from vlmdefense.models import set_seed
 from vlmdefense.prompt_learner import ContextInit, PromptLearner, VisualPromptEncoder
@@ -470,8 +470,7 @@ class TAPT(TestTimeDefense):
         statistics of clean and adversarial seen-class training images."""
         cfg = self.config
         start = time.perf_counter()
-        if cfg.train_eps is None:
-            cfg = self.config = dataclasses.replace(cfg, train_eps=ctx.headline.value)
+        cfg = self.config = with_training_eps(cfg, ctx)
         assert cfg.train_eps is not None
         step_size = cfg.train_step_size if cfg.train_step_size is not None else 2.0 * cfg.train_eps / 3.0
         set_seed(cfg.seed)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from vlmdefense.attacks import project, random_start
 from vlmdefense.data import seen_mask
-from vlmdefense.defenses.base import Defense, override_config
+from vlmdefense.defenses.base import Defense, override_config, with_training_eps
 from vlmdefense.evaluate import ZeroShotClassifier
 from vlmdefense.models import set_seed, warmup_cosine_lr
 
@@ -211,8 +211,7 @@ class AdversarialFineTuning(Defense):
     def fit(self, ctx: Context) -> None:
         """Adversarially fine-tune a copy of the image tower on ``ctx.seen_train``."""
         c = self.config
-        if c.train_eps is None:
-            c = self.config = dataclasses.replace(c, train_eps=ctx.headline.value)
+        c = self.config = with_training_eps(c, ctx)
         step_size = c.step_size if c.step_size is not None else c.train_eps
         train = ctx.seen_train.head(c.train_limit)
         self.train_classes = (
