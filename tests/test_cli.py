@@ -105,34 +105,15 @@ def test_bibtex(catalog_dir: Path) -> None:
 
 
 def test_new_scaffolds_an_entry_that_fails_until_filled(catalog_dir: Path) -> None:
-    code, _, _ = run(
-        "new",
-        "my-defense",
-        "--paradigm",
-        "training-free",
-        "--family",
-        "counterattack",
-        "--no-notebook",
-        "-c",
-        str(catalog_dir),
-    )
+    scaffold = ("new", "my-defense", "--paradigm", "training-free", "--family", "counterattack", "--no-notebook")
+    code, _, _ = run(*scaffold, "-c", str(catalog_dir))
     assert code == 0
     path = catalog_dir / "training-free" / "my-defense.yaml"
     assert path.is_file()
     _, problems = load_catalog(catalog_dir)
     assert problems and all(p.path.endswith("my-defense.yaml") for p in problems)
     assert any("placeholder 'TODO'" in p.message for p in problems)
-    code, _, err = run(
-        "new",
-        "my-defense",
-        "--paradigm",
-        "training-free",
-        "--family",
-        "counterattack",
-        "--no-notebook",
-        "-c",
-        str(catalog_dir),
-    )
+    code, _, err = run(*scaffold, "-c", str(catalog_dir))
     assert code == 1 and "exists already" in err
     code, _, err = run(
         "new",
