@@ -28,10 +28,10 @@ def best_of(fn, repeats: int) -> float:
 def main() -> None:
     import torchattacks
 
-    from vlmdefense.attacks import PGD
-    from vlmdefense.data import digit_prompts, load_digits_split
-    from vlmdefense.evaluate import ZeroShotClassifier
-    from vlmdefense.models import SMALL_CLIP, configure_threads, load_clip
+    from vlmdefense.workbench.attacks import PGD
+    from vlmdefense.workbench.data import digit_prompts, load_digits_split
+    from vlmdefense.workbench.evaluation import ZeroShotClassifier
+    from vlmdefense.workbench.models import SMALL_CLIP, configure_threads, load_clip
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)

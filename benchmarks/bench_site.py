@@ -33,7 +33,7 @@ QUIET = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "DISABLE_MKDOCS_2_WARNING": "
 ATLAS = """
 import sys
 from pathlib import Path
-from vlmdefense.site_cli import build_site
+from vlmdefense.site.cli import build_site
 build_site(Path(sys.argv[1]), Path(sys.argv[2]), data_root=Path(sys.argv[3]))
 """
 
@@ -65,7 +65,7 @@ def bare_site(folder: Path) -> Path:
 
 def simulated_root(folder: Path) -> tuple[Path, int]:
     """A copy of catalog/ and reproductions/ where every catalog method has the baseline's smoke result."""
-    from vlmdefense.validation import load_catalog
+    from vlmdefense.catalog.validation import load_catalog
 
     shutil.copytree(REPO / "catalog", folder / "catalog")
     shutil.copytree(REPO / "reproductions", folder / "reproductions")

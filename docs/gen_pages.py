@@ -1,7 +1,7 @@
 """mkdocs-gen-files script: generate the atlas' pages from catalog/ and reproductions/ at build time.
 
 The data root is the repository holding this file, or ``$VLMDEFENSE_SITE_ROOT`` (tests build sites of
-temporary catalogs that way). Pages, plots and executed notebooks come from :func:`vlmdefense.site.generate`;
+temporary catalogs that way). Pages, plots and executed notebooks come from :func:`vlmdefense.site.build.generate`;
 this script copies them into MkDocs' virtual docs tree and sets the navigation.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import mkdocs_gen_files
 from mkdocs.exceptions import PluginError
 
-from vlmdefense.site import ROOT_ENV, SiteError, generate
+from vlmdefense.site.build import ROOT_ENV, SiteError, generate
 
 root = Path(os.environ.get(ROOT_ENV) or Path(__file__).resolve().parents[1])
 editor = mkdocs_gen_files.FilesEditor.current()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmdefense.attacks import APGD, PGD, WorstCase, bpda, input_gradient, make_attack, project
-from vlmdefense.data import digit_prompts, load_digits_split
-from vlmdefense.evaluate import ZeroShotClassifier, accuracy
-from vlmdefense.models import SMALL_CLIP, load_clip
+from vlmdefense.workbench.attacks import APGD, PGD, WorstCase, bpda, input_gradient, make_attack, project
+from vlmdefense.workbench.data import digit_prompts, load_digits_split
+from vlmdefense.workbench.evaluation import ZeroShotClassifier, accuracy
+from vlmdefense.workbench.models import SMALL_CLIP, load_clip
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, write_entry
-from vlmdefense.catalog import schema_text
+from vlmdefense.catalog.schema import schema_text
+from vlmdefense.catalog.validation import load_catalog
 from vlmdefense.cli import app
-from vlmdefense.validation import load_catalog
 
 runner = CliRunner()
 

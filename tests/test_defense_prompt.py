@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmdefense import harness
+from vlmdefense.defenses.prompt_learner import ContextInit, PromptLearner, VisualPromptEncoder
 from vlmdefense.defenses.prompt_tuning import APT
 from vlmdefense.defenses.test_time import RTPT, TAPT, marginal_entropy, most_confident, random_views
-from vlmdefense.prompt_learner import ContextInit, PromptLearner, VisualPromptEncoder
+from vlmdefense.workbench import harness
 
 
 @pytest.fixture(scope="session")

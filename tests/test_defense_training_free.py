@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmdefense import harness
 from vlmdefense.defenses.training_free import (
     TTC,
     TTE,
@@ -19,6 +18,7 @@ from vlmdefense.defenses.training_free import (
     auc,
     tau_quantiles,
 )
+from vlmdefense.workbench import harness
 
 N = 12
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmdefense import harness
 from vlmdefense.defenses.training_time import (
     DEFENSES,
     FARE,
@@ -17,6 +16,7 @@ from vlmdefense.defenses.training_time import (
     make_defense,
     maximise,
 )
+from vlmdefense.workbench import harness
 
 METHODS = ("tecoa", "pmg-aft", "fare")
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmdefense.data import digit_prompts
-from vlmdefense.evaluate import PassCounter, ZeroShotClassifier, accuracy, split_accuracy, text_classifier_weights
-from vlmdefense.models import SMALL_CLIP, load_clip
+from vlmdefense.workbench.data import digit_prompts
+from vlmdefense.workbench.evaluation import (
+    PassCounter,
+    ZeroShotClassifier,
+    accuracy,
+    split_accuracy,
+    text_classifier_weights,
+)
+from vlmdefense.workbench.models import SMALL_CLIP, load_clip
 
 
 def test_split_accuracy() -> None:

@@ -12,10 +12,11 @@ import yaml
 from PIL import Image
 
 from conftest import REPO
-from vlmdefense import harness
 from vlmdefense.defenses.base import Undefended
-from vlmdefense.models import ensure_small_clip
-from vlmdefense.results import check_result_file
+from vlmdefense.paths import ROOT_ENV, find_root
+from vlmdefense.runs.records import check_result_file
+from vlmdefense.workbench import harness
+from vlmdefense.workbench.models import ensure_small_clip
 
 
 def local_paper_like_repo(tmp_path: Path) -> Path:
@@ -79,12 +80,12 @@ def test_unknown_profile(tmp_path: Path) -> None:
 
 
 def test_find_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(harness.ROOT_ENV, raising=False)
-    assert harness.find_root(REPO / "src" / "vlmdefense") == REPO
+    monkeypatch.delenv(ROOT_ENV, raising=False)
+    assert find_root(REPO / "src" / "vlmdefense") == REPO
     with pytest.raises(FileNotFoundError):
-        harness.find_root(tmp_path)
-    monkeypatch.setenv(harness.ROOT_ENV, str(tmp_path))
-    assert harness.find_root() == tmp_path.resolve()
+        find_root(tmp_path)
+    monkeypatch.setenv(ROOT_ENV, str(tmp_path))
+    assert find_root() == tmp_path.resolve()
 
 
 def test_save_result_with_empty_path_writes_nothing(tmp_path: Path) -> None:

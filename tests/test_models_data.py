@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmdefense.data import (
+from vlmdefense.workbench.data import (
     digit_prompts,
     load_digits_split,
     load_image_folder,
@@ -20,8 +20,15 @@ from vlmdefense.data import (
     load_torchvision_dataset,
     seen_mask,
 )
-from vlmdefense.evaluate import ZeroShotClassifier, accuracy
-from vlmdefense.models import SMALL_CLIP, Recipe, load_clip, register_small_clip, small_clip_card, write_small_clip
+from vlmdefense.workbench.evaluation import ZeroShotClassifier, accuracy
+from vlmdefense.workbench.models import (
+    SMALL_CLIP,
+    Recipe,
+    load_clip,
+    register_small_clip,
+    small_clip_card,
+    write_small_clip,
+)
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +94,7 @@ def test_cached_small_clip_reaches_95_percent() -> None:
 
 def test_checkpoint_loads_through_open_clip_like_real_weights(digits) -> None:
     """The same call that loads ViT-B-32/openai in the paper profile."""
-    from vlmdefense.models import ensure_small_clip
+    from vlmdefense.workbench.models import ensure_small_clip
 
     register_small_clip()
     path = ensure_small_clip()

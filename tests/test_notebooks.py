@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from vlmdefense.results import check_result_file, read_result
-from vlmdefense.runner import available_methods, run_one
-from vlmdefense.validation import load_catalog
+from vlmdefense.catalog.validation import load_catalog
+from vlmdefense.runs.records import check_result_file, read_result
+from vlmdefense.runs.runner import available_methods, run_one
 
 METHODS = available_methods(REPO)
 

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 from vlmdefense.cli import app
-from vlmdefense.profiles import deep_merge, load_profiles, method_parameters, parse_overrides
-from vlmdefense.results import check_result_file, read_result
-from vlmdefense.runner import RunState, available_methods, run_many, run_one, run_state
+from vlmdefense.runs.profiles import deep_merge, load_profiles, method_parameters, parse_overrides
+from vlmdefense.runs.records import check_result_file, read_result
+from vlmdefense.runs.runner import RunState, available_methods, run_many, run_one, run_state
 
 
 def make_repo(tmp_path: Path) -> Path:
@@ -160,7 +160,7 @@ def test_profiles_and_overrides() -> None:
 def test_run_outputs_do_not_make_the_checkout_dirty(tmp_path: Path) -> None:
     import subprocess
 
-    from vlmdefense.provenance import git_state
+    from vlmdefense.runs.provenance import git_state
 
     root = tmp_path / "git"
     (root / "reproductions" / "tte" / "smoke").mkdir(parents=True)

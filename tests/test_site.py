@@ -20,11 +20,11 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, VALID_ENTRY
-from vlmdefense import site
-from vlmdefense.catalog import Entry
+from vlmdefense.catalog.schema import Entry
+from vlmdefense.catalog.validation import load_catalog
 from vlmdefense.cli import app
-from vlmdefense.site_cli import SiteBuildError, build_site, make_server
-from vlmdefense.validation import load_catalog
+from vlmdefense.site import build as site
+from vlmdefense.site.cli import SiteBuildError, build_site, make_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import VALID_ENTRY, write_entry
+from vlmdefense.catalog.validation import load_catalog
 from vlmdefense.problems import Problem
-from vlmdefense.validation import load_catalog
 
 
 def valid_text(method_id: str = "example", related: str = "[]") -> str:

@@ -15,13 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmdefense import __version__
-from vlmdefense.bibtex import bibtex
-from vlmdefense.catalog import Entry, Paradigm, schema_text
+from vlmdefense.catalog.bibtex import bibtex
+from vlmdefense.catalog.scaffold import ScaffoldError, new_entry, new_notebook
+from vlmdefense.catalog.schema import Entry, Paradigm, schema_text
+from vlmdefense.catalog.validation import Catalog, load_catalog
 from vlmdefense.fileio import atomic_write_text
 from vlmdefense.problems import ProblemsError
-from vlmdefense.scaffold import ScaffoldError, new_entry, new_notebook
-from vlmdefense.site_cli import site_app
-from vlmdefense.validation import Catalog, load_catalog
+from vlmdefense.site.cli import site_app
 
 app = typer.Typer(
     help="VLM Defense Atlas: browse, validate and reproduce adversarial defenses of VLMs.",
@@ -90,7 +90,7 @@ def validate(
     results = 0
     root = catalog_dir.resolve().parent
     if catalog is not None and (root / "reproductions" / "profiles.yaml").is_file():
-        from vlmdefense.runner import check_results, result_files
+        from vlmdefense.runs.runner import check_results, result_files
 
         results = len(result_files(root))
         try:
@@ -355,7 +355,7 @@ def schema(
 
 
 def _repo_root() -> Path:
-    from vlmdefense.harness import find_root
+    from vlmdefense.paths import find_root
 
     try:
         return find_root()
@@ -374,8 +374,8 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Rerun even when up to date.")] = False,
 ) -> None:
     """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/."""
-    from vlmdefense.profiles import load_profiles, parse_overrides
-    from vlmdefense.runner import available_methods, run_many
+    from vlmdefense.runs.profiles import load_profiles, parse_overrides
+    from vlmdefense.runs.runner import available_methods, run_many
 
     root = _repo_root()
     if all_ == bool(method_ids):
@@ -391,7 +391,7 @@ def run(
     methods = known if all_ else list(method_ids or [])
     for method in methods:
         if method not in known:
-            from vlmdefense.validation import unknown_id_message
+            from vlmdefense.catalog.validation import unknown_id_message
 
             fail(unknown_id_message(method, known).replace("in the catalog", "with a notebook"))
 
@@ -419,8 +419,8 @@ def status(
     profile: Annotated[list[str] | None, typer.Option("--profile", help="Profiles to show (default: all).")] = None,
 ) -> None:
     """Show every method × profile as ok / stale / failed / missing."""
-    from vlmdefense.profiles import load_profiles
-    from vlmdefense.runner import available_methods, run_state
+    from vlmdefense.runs.profiles import load_profiles
+    from vlmdefense.runs.runner import available_methods, run_state
 
     root = _repo_root()
     names = profile or list(load_profiles(root))
@@ -444,8 +444,8 @@ def check(
     ] = None,
 ) -> None:
     """Validate one entry, run its notebook, build its page; say in one screen what is missing."""
-    from vlmdefense.check import check_method
-    from vlmdefense.profiles import parse_overrides
+    from vlmdefense.runs.check import check_method
+    from vlmdefense.runs.profiles import parse_overrides
 
     root = _repo_root()
     try:
@@ -481,7 +481,7 @@ def model_train(
     """Train the small CLIP by its recipe and write the checkpoint and its card."""
     from dataclasses import replace
 
-    from vlmdefense.models import Recipe, write_small_clip
+    from vlmdefense.workbench.models import Recipe, write_small_clip
 
     recipe = Recipe()
     if epochs is not None:

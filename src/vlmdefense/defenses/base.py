@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
-from vlmdefense.catalog import parse_epsilon
-from vlmdefense.evaluate import PassCounter
+from vlmdefense.units import parse_epsilon
+from vlmdefense.workbench.evaluation import PassCounter
 
 if TYPE_CHECKING:
-    from vlmdefense.evaluate import ZeroShotClassifier
-    from vlmdefense.harness import Context
-    from vlmdefense.models import LoadedClip
+    from vlmdefense.workbench.evaluation import ZeroShotClassifier
+    from vlmdefense.workbench.harness import Context
+    from vlmdefense.workbench.models import LoadedClip
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 

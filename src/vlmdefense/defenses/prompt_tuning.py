@@ -1,7 +1,7 @@
 """APT — adversarial prompt tuning of CLIP's text context (Li et al., CVPR 2024).
 
 Both encoders stay frozen; only the context vectors of the class prompt
-(``<SOT> ctx_1 … ctx_M <class name> . <EOT>``, :class:`~vlmdefense.prompt_learner.PromptLearner`)
+(``<SOT> ctx_1 … ctx_M <class name> . <EOT>``, :class:`~vlmdefense.defenses.prompt_learner.PromptLearner`)
 are learned. Every training batch of the seen classes' images is first perturbed by an L∞ PGD attack
 (uniform random start, ``steps`` signed steps of ``step_size``) against the *current* prompt-based
 zero-shot classifier — the official "on-the-fly" strategy — and the context then takes one SGD step
@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from vlmdefense.defenses.base import ConfiguredDefense, with_training_eps
+from vlmdefense.defenses.prompt_learner import ContextInit, PromptLearner
 from vlmdefense.defenses.training_time import TeCoA, maximise
-from vlmdefense.evaluate import ZeroShotClassifier
-from vlmdefense.models import set_seed
-from vlmdefense.prompt_learner import ContextInit, PromptLearner
+from vlmdefense.workbench.evaluation import ZeroShotClassifier
+from vlmdefense.workbench.models import set_seed
 
 if TYPE_CHECKING:
-    from vlmdefense.harness import Context
+    from vlmdefense.workbench.harness import Context
 
 
 @dataclass
@@ -261,8 +261,8 @@ class APT(ConfiguredDefense):
 def hand_prompt_robustness(ctx: Context, defense: APT, steps: int | None = None) -> dict[str, Any]:
     """Clean and PGD accuracy (at the headline ε, the profile's sweep steps) of the *same backbone*
     with the hand-written prompt ensemble and with the learned prompt: the prompt's own contribution."""
-    from vlmdefense.attacks import PGD
-    from vlmdefense.evaluate import clean_accuracy, robust_accuracy
+    from vlmdefense.workbench.attacks import PGD
+    from vlmdefense.workbench.evaluation import clean_accuracy, robust_accuracy
 
     assert defense.backbone_classifier is not None
     steps = int(ctx.params["sweep_attack"]["steps"]) if steps is None else steps

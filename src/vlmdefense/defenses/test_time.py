@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from vlmdefense.defenses.base import InferenceDefense, Predictor, with_training_eps
+from vlmdefense.defenses.prompt_learner import ContextInit, PromptLearner, VisualPromptEncoder
 from vlmdefense.defenses.training_time import maximise
-from vlmdefense.models import set_seed
-from vlmdefense.prompt_learner import ContextInit, PromptLearner, VisualPromptEncoder
+from vlmdefense.workbench.models import set_seed
 
 if TYPE_CHECKING:
-    from vlmdefense.evaluate import ZeroShotClassifier
-    from vlmdefense.harness import Context
+    from vlmdefense.workbench.evaluation import ZeroShotClassifier
+    from vlmdefense.workbench.harness import Context
 
 
 # ------------------------------------------------------------------------------------------ shared
@@ -760,7 +760,7 @@ def tapt_paper_setting(ctx: Context, defense: TAPT, lrs: tuple[float, ...] = ())
     """The official evaluation's setting: PGD (the profile's sweep steps, headline ε) crafted against
     the *initial* prompts (no test-time step), then classified by TAPT. Also: the initial prompts
     themselves, how often the test-time step changes a prediction, and other test-time learning rates."""
-    from vlmdefense.attacks import PGD
+    from vlmdefense.workbench.attacks import PGD
 
     x, y = ctx.sets.test.images, ctx.sets.test.labels
     seed = int(ctx.params.get("seed", 0))

@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.catalog import parse_epsilon
 from vlmdefense.defenses.base import InferenceDefense, Predictor
+from vlmdefense.units import parse_epsilon
 
 if TYPE_CHECKING:
-    from vlmdefense.evaluate import ZeroShotClassifier
-    from vlmdefense.harness import Context
+    from vlmdefense.workbench.evaluation import ZeroShotClassifier
+    from vlmdefense.workbench.harness import Context
 
 
 class TrainingFreeDefense(InferenceDefense):
@@ -552,8 +552,8 @@ def auc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
 def base_adversarials(ctx: Context, eps_values: list[str], steps: int | None = None) -> dict[str, torch.Tensor]:
     """Non-adaptive PGD adversarial test images, crafted on the undefended ``ctx.base`` (seeded like the
     harness), keyed by the ε's display form ('4/255')."""
-    from vlmdefense.attacks import PGD
-    from vlmdefense.models import set_seed
+    from vlmdefense.workbench.attacks import PGD
+    from vlmdefense.workbench.models import set_seed
 
     steps = int(ctx.params["sweep_attack"]["steps"]) if steps is None else steps
     out: dict[str, torch.Tensor] = {}

@@ -33,16 +33,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.attacks import project, random_start
-from vlmdefense.data import seen_mask
 from vlmdefense.defenses.base import Defense, override_config, with_training_eps
-from vlmdefense.evaluate import ZeroShotClassifier
-from vlmdefense.models import set_seed, warmup_cosine_lr
+from vlmdefense.workbench.attacks import project, random_start
+from vlmdefense.workbench.data import seen_mask
+from vlmdefense.workbench.evaluation import ZeroShotClassifier
+from vlmdefense.workbench.models import set_seed, warmup_cosine_lr
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from vlmdefense.harness import Context
+    from vlmdefense.workbench.harness import Context
 
 Batch = dict[str, torch.Tensor]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from vlmdefense.catalog import Entry
+from vlmdefense.catalog.schema import Entry
 
 JOURNAL_WORDS = ("transactions", "journal", "tpami", "tifs", "tip", "ijcv", "pattern recognition")
 STOP_WORDS = {"a", "an", "the", "on", "of", "for", "to", "in", "is", "are", "and", "towards", "toward"}

@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from vlmdefense.catalog import Entry, Paradigm, Taxonomy
+from vlmdefense.catalog.schema import Entry, Paradigm, Taxonomy
+from vlmdefense.catalog.yaml_source import Loc, YamlDocument, load_yaml_mapping
 from vlmdefense.problems import Problem, ProblemsError, display_path
-from vlmdefense.yaml_source import Loc, YamlDocument, load_yaml_mapping
 
 logger = logging.getLogger(__name__)
 

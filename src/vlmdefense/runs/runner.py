@@ -26,9 +26,9 @@ import nbformat
 
 from vlmdefense import __version__
 from vlmdefense.fileio import atomic_write_json
-from vlmdefense.profiles import load_profiles, method_parameters
-from vlmdefense.provenance import now_iso, provenance
-from vlmdefense.results import RESULT_FILE, Result, RunStatus, check_result_file
+from vlmdefense.runs.profiles import load_profiles, method_parameters
+from vlmdefense.runs.provenance import now_iso, provenance
+from vlmdefense.runs.records import RESULT_FILE, Result, RunStatus, check_result_file
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmdefense.results import Result, RobustEntry
+from vlmdefense.runs.records import Result, RobustEntry
 
 SPLITS = ("all", "seen", "unseen", "transfer")
 

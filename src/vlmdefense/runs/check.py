@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmdefense.results import RESULT_FILE
+from vlmdefense.runs.records import RESULT_FILE
 
 
 @dataclass
@@ -35,7 +35,7 @@ class CheckReport:
 
 
 def _validate(root: Path, method: str) -> tuple[Step, Any]:
-    from vlmdefense.validation import load_catalog, unknown_id_message
+    from vlmdefense.catalog.validation import load_catalog, unknown_id_message
 
     catalog, problems = load_catalog(root / "catalog")
     mine = [str(p) for p in problems if Path(p.path).stem == method or f"'{method}'" in p.message]
@@ -76,8 +76,8 @@ def check_method(
     progress: bool = False,
 ) -> CheckReport:
     """Run the three steps in order; a later step runs only when the earlier ones passed."""
-    from vlmdefense.runner import run_one
-    from vlmdefense.site_cli import SiteBuildError, build_site
+    from vlmdefense.runs.runner import run_one
+    from vlmdefense.site.cli import SiteBuildError, build_site
 
     root = Path(root).resolve()
     step, entry = _validate(root, method)

@@ -19,9 +19,15 @@ from typing import Any
 
 import torch
 
-from vlmdefense.attacks import WorstCase, make_attack
-from vlmdefense.catalog import parse_epsilon
-from vlmdefense.data import (
+from vlmdefense.defenses.base import Defense
+from vlmdefense.fileio import atomic_write_json
+from vlmdefense.paths import find_root
+from vlmdefense.runs.profiles import load_profiles, method_parameters
+from vlmdefense.runs.provenance import now_iso, provenance
+from vlmdefense.runs.records import Result
+from vlmdefense.units import Epsilon
+from vlmdefense.workbench.attacks import WorstCase, make_attack
+from vlmdefense.workbench.data import (
     ImageSet,
     PromptSpec,
     digit_prompts,
@@ -29,8 +35,7 @@ from vlmdefense.data import (
     load_mnist_transfer,
     load_torchvision_dataset,
 )
-from vlmdefense.defenses.base import Defense
-from vlmdefense.evaluate import (
+from vlmdefense.workbench.evaluation import (
     EvalSets,
     RobustRecord,
     ZeroShotClassifier,
@@ -38,44 +43,14 @@ from vlmdefense.evaluate import (
     robust_accuracy,
     time_inference,
 )
-from vlmdefense.fileio import atomic_write_json
-from vlmdefense.models import SMALL_CLIP, LoadedClip, configure_threads, load_clip, set_seed, small_clip_card
-from vlmdefense.profiles import load_profiles, method_parameters
-from vlmdefense.provenance import now_iso, provenance
-from vlmdefense.results import Result
+from vlmdefense.workbench.models import SMALL_CLIP, LoadedClip, configure_threads, load_clip, set_seed, small_clip_card
 
 logger = logging.getLogger(__name__)
 
-ROOT_ENV = "VLMDEFENSE_ROOT"
 
-
-def find_root(start: Path | None = None) -> Path:
-    """The repository root: ``$VLMDEFENSE_ROOT``, or the nearest folder above ``start`` (default: the
-    working directory) that holds ``reproductions/profiles.yaml``.
-
-    Raises:
-        FileNotFoundError: no such folder.
-    """
-    if os.environ.get(ROOT_ENV):
-        return Path(os.environ[ROOT_ENV]).resolve()
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "reproductions" / "profiles.yaml").is_file():
-            return folder
-    raise FileNotFoundError(f"no reproductions/profiles.yaml above {here}: run from the repository (or set {ROOT_ENV})")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """An ε with its display form."""
-
-    value: float
-    display: str
-
-
-def budgets(raw: list[Any]) -> list[Budget]:
+def budgets(raw: list[Any]) -> list[Epsilon]:
     """Parse a profile's ``eps`` list ('8/255', floats)."""
-    return [Budget(*parse_epsilon(item)) for item in raw]
+    return [Epsilon.parse(item) for item in raw]
 
 
 @dataclass
@@ -99,19 +74,19 @@ class Context:
     findings: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def eps(self) -> list[Budget]:
+    def eps(self) -> list[Epsilon]:
         """The ε sweep."""
         return budgets(self.params["eps"])
 
     @property
-    def headline(self) -> Budget:
+    def headline(self) -> Epsilon:
         """The headline ε (the worst case over all attacks is run there)."""
         return budgets([self.params["headline_eps"]])[0]
 
     @property
     def seen_train(self) -> ImageSet:
         """The training images of seen classes: all a training-time defense may fine-tune on."""
-        from vlmdefense.data import seen_mask
+        from vlmdefense.workbench.data import seen_mask
 
         if self.train is None:
             raise RuntimeError("this profile has no training split: set train_dataset (and n_train) in its parameters")
@@ -206,7 +181,7 @@ AttackFactory = Callable[[int], Any]
 
 
 def _measure(
-    ctx: Context, defense: Defense, budget: Budget, make: AttackFactory, steps: int, eot: int, target: str
+    ctx: Context, defense: Defense, budget: Epsilon, make: AttackFactory, steps: int, eot: int, target: str
 ) -> RobustRecord:
     """One robust-accuracy row: ``defense`` predicts on images crafted against ``target``."""
     adaptive = target == "defended-pipeline"
@@ -226,7 +201,9 @@ def _measure(
     return RobustRecord(name, norm, budget.value, budget.display, steps, adaptive, acc, seconds, target)
 
 
-def _attack_rows(ctx: Context, defense: Defense, budget: Budget, make: AttackFactory, steps: int) -> list[RobustRecord]:
+def _attack_rows(
+    ctx: Context, defense: Defense, budget: Epsilon, make: AttackFactory, steps: int
+) -> list[RobustRecord]:
     """A static defense is attacked white-box; an inference-time defense twice: through the base model
     (non-adaptive, as many papers report) and through its whole pipeline (adaptive, EOT when randomised)."""
     if defense.kind == "static":
@@ -238,7 +215,7 @@ def _attack_rows(ctx: Context, defense: Defense, budget: Budget, make: AttackFac
 def robustness(ctx: Context, defense: Defense) -> list[RobustRecord]:
     """The ε sweep with the profile's sweep attack, then the worst case over all attacks at the headline ε."""
 
-    def factory(specs: list[dict[str, Any]], budget: Budget) -> AttackFactory:
+    def factory(specs: list[dict[str, Any]], budget: Epsilon) -> AttackFactory:
         def make(eot: int) -> Any:
             attacks = [make_attack(s["name"], budget.value, int(s["steps"]), s.get("norm", "linf"), eot) for s in specs]
             return attacks[0] if len(attacks) == 1 else WorstCase(attacks)
@@ -265,7 +242,7 @@ def fit(ctx: Context, defense: Defense) -> Defense:
 
 
 def _reported(method: str, root: Path) -> list[dict[str, Any]]:
-    from vlmdefense.validation import load_catalog
+    from vlmdefense.catalog.validation import load_catalog
 
     catalog, _ = load_catalog(root / "catalog")
     if catalog is None or method not in catalog.items:
@@ -350,7 +327,7 @@ def save_result(result: Result, path: str | Path | None) -> Path | None:
 
 def load_baseline(ctx: Context) -> Result | None:
     """The baseline's result of the same profile, if it exists."""
-    from vlmdefense.results import read_result, result_path
+    from vlmdefense.runs.records import read_result, result_path
 
     path = result_path(ctx.root, "baseline", ctx.profile)
     if not path.is_file():

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlmdefense.catalog import Epsilon, Percent
 from vlmdefense.problems import Problem, display_path
+from vlmdefense.units import Epsilon, Percent
 
 RESULT_FILE = "result.json"
 

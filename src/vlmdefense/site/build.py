@@ -27,14 +27,15 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from vlmdefense.bibtex import bibtex
-from vlmdefense.catalog import Entry, Epsilon, Paradigm, ReproductionStatus
+from vlmdefense.catalog.bibtex import bibtex
+from vlmdefense.catalog.schema import Entry, Paradigm, ReproductionStatus
+from vlmdefense.catalog.validation import Catalog, load_catalog
 from vlmdefense.problems import Problem, ProblemsError
-from vlmdefense.profiles import load_profiles
-from vlmdefense.report import headline_numbers as headline
-from vlmdefense.report import robust_gain
-from vlmdefense.results import Result, RunStatus, check_result_file, result_path
-from vlmdefense.validation import Catalog, load_catalog
+from vlmdefense.runs.profiles import load_profiles
+from vlmdefense.runs.records import Result, RunStatus, check_result_file, result_path
+from vlmdefense.units import Epsilon
+from vlmdefense.workbench.report import headline_numbers as headline
+from vlmdefense.workbench.report import robust_gain
 
 logger = logging.getLogger(__name__)
 
@@ -844,7 +845,7 @@ def svg_sweep(series: list[tuple[str, list[tuple[float, float]], str, bool]], ti
 
 
 def _method_plot(entry: Entry, result: Result, baseline: Result | None) -> str:
-    from vlmdefense.report import sweep
+    from vlmdefense.workbench.report import sweep
 
     colour = PARADIGM_COLOURS.get(entry.paradigm.value, "#d62728")
     series = []
@@ -1044,7 +1045,7 @@ def _no_result_note(data: SiteData, profile: str, scope: list[Entry], what: str)
 
 def _profile_results(data: SiteData, w: Writer, profile: str) -> list[str]:
     """The plots of one profile: ε sweeps per paradigm, gain vs cost, seen vs unseen, adaptive gap."""
-    from vlmdefense import report
+    from vlmdefense.workbench import report
 
     base = data.baseline(profile)
     ok = {e.id: r for e in data.entries if (r := data.ok(e.id, profile)) is not None}

@@ -7,19 +7,18 @@ These models are the authority; ``catalog/schema.json`` is exported from them
 from __future__ import annotations
 
 import json
-import re
 from enum import Enum
-from fractions import Fraction
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vlmdefense.units import EpsilonField, Percent, parse_epsilon  # noqa: F401
 
 ID_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 ARXIV_PATTERN = r"^(\d{4}\.\d{4,5}|[a-z\-]+(\.[A-Z]{2})?/\d{7})$"
 DOI_PATTERN = r"^10\.\d{4,9}/\S+$"
 URL_PATTERN = r"^https?://[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:\d+)?(/\S*)?$"
 
-Percent = Annotated[float, Field(ge=0, le=100, description="accuracy in percent, 0-100")]
 Url = Annotated[str, Field(pattern=URL_PATTERN, description="an http(s) URL")]
 MethodId = Annotated[str, Field(pattern=ID_PATTERN, description="lowercase id, words joined by '-'")]
 Text = Annotated[str, Field(min_length=1)]
@@ -65,74 +64,6 @@ class ReproductionStatus(str, Enum):
     PARTIAL = "partial"
     PLANNED = "planned"
     NONE = "none"
-
-
-_FRACTION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*$")
-
-
-def parse_epsilon(raw: Any) -> tuple[float, str]:
-    """Parse an ε written ``4/255``, ``"0.5"`` or ``0.0157`` into ``(value, display)``.
-
-    Raises:
-        ValueError: the value is not a fraction or a non-negative number.
-    """
-    if isinstance(raw, bool):
-        raise ValueError(f"cannot parse epsilon {raw!r}: write it as '4/255' or a number")
-    if isinstance(raw, int | float):
-        value = float(raw)
-        display = _display_for(value)
-    elif isinstance(raw, str):
-        match = _FRACTION.match(raw)
-        if match:
-            num, den = float(match.group(1)), float(match.group(2))
-            if den == 0:
-                raise ValueError(f"cannot parse epsilon {raw!r}: division by zero")
-            value, display = num / den, f"{match.group(1)}/{match.group(2)}"
-        else:
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"cannot parse epsilon {raw!r}: write it as '4/255' or a number") from None
-            display = _display_for(value)
-    else:
-        raise ValueError(f"cannot parse epsilon {raw!r}: write it as '4/255' or a number")
-    if value < 0 or value != value:
-        raise ValueError(f"epsilon must be a non-negative number, got {raw!r}")
-    return value, display
-
-
-def _display_for(value: float) -> str:
-    """``4/255`` when ``value`` is a whole multiple of 1/255, else the number itself."""
-    frac = Fraction(value).limit_denominator(255)
-    if frac.denominator == 255 and abs(float(frac) - value) < 1e-9:
-        return f"{frac.numerator}/255"
-    if value and abs(value * 255 - round(value * 255)) < 1e-6:
-        return f"{round(value * 255)}/255"
-    return f"{value:g}"
-
-
-class Epsilon(StrictModel):
-    """A perturbation budget stored structured: its value and how it is displayed.
-
-    In YAML write ``eps: 4/255`` or ``eps: 0.0157``; the norm is the sibling field ``norm``.
-    """
-
-    value: float = Field(ge=0, description="the budget as a float (on [0, 1] pixels for linf)")
-    display: str = Field(description="human form, e.g. '4/255'")
-
-
-def _to_epsilon(raw: Any) -> Any:
-    if isinstance(raw, dict | Epsilon):
-        return raw
-    value, display = parse_epsilon(raw)
-    return {"value": value, "display": display}
-
-
-EpsilonField = Annotated[
-    Epsilon,
-    BeforeValidator(_to_epsilon, json_schema_input_type=str | float | Epsilon),
-    Field(description="'4/255', a float, or {value, display}"),
-]
 
 
 class Links(StrictModel):

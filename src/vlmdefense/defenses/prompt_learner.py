@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmdefense.data import PromptSpec
-from vlmdefense.models import LoadedClip
+from vlmdefense.workbench.data import PromptSpec
+from vlmdefense.workbench.models import LoadedClip
 
 
 def _resblocks(transformer: nn.Module) -> list[nn.Module]:

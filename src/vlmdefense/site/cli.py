@@ -15,7 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from vlmdefense.site import ROOT_ENV
+from vlmdefense.paths import find_root
+from vlmdefense.site.build import ROOT_ENV
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -130,12 +131,11 @@ def make_server(directory: Path, port: int = 8000, host: str = "127.0.0.1") -> T
 
 def find_site_root(start: Path | None = None) -> Path | None:
     """The repository to build: ``$VLMDEFENSE_ROOT``, or the nearest folder above ``start`` (default: the
-    working directory) holding ``mkdocs.yml`` and ``catalog/``; ``None`` when there is none. (The harness has
-    the same rule but imports torch, which would double the time of a build.)"""
-    if os.environ.get("VLMDEFENSE_ROOT"):
-        return Path(os.environ["VLMDEFENSE_ROOT"]).resolve()
-    here = (start or Path.cwd()).resolve()
-    return next((f for f in (here, *here.parents) if (f / CONFIG_FILE).is_file() and (f / "catalog").is_dir()), None)
+    working directory) holding ``mkdocs.yml`` and ``catalog/``; ``None`` when there is none."""
+    try:
+        return find_root(start, (CONFIG_FILE, "catalog"))
+    except FileNotFoundError:
+        return None
 
 
 def _root() -> Path:

@@ -6,8 +6,8 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
-from vlmdefense.catalog import ID_PATTERN, Paradigm
-from vlmdefense.validation import load_taxonomy
+from vlmdefense.catalog.schema import ID_PATTERN, Paradigm
+from vlmdefense.catalog.validation import load_taxonomy
 
 
 class ScaffoldError(Exception):

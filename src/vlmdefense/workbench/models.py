@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vlmdefense.data import ImageSet, PromptSpec, digit_prompts, load_digits_split
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json
+from vlmdefense.workbench.data import ImageSet, PromptSpec, digit_prompts, load_digits_split
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def write_small_clip(recipe: Recipe, out_dir: Path | None = None, progress: bool
     Returns:
         The checkpoint path and the card.
     """
-    from vlmdefense.evaluate import ZeroShotClassifier, accuracy
+    from vlmdefense.workbench.evaluation import ZeroShotClassifier, accuracy
 
     checkpoint, card_path = small_clip_paths(recipe)
     if out_dir is not None:

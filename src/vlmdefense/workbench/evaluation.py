@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vlmdefense.data import ImageSet, PromptSpec, seen_mask
-from vlmdefense.models import LoadedClip
+from vlmdefense.workbench.data import ImageSet, PromptSpec, seen_mask
+from vlmdefense.workbench.models import LoadedClip
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
+from vlmdefense.catalog.yaml_source import load_yaml_mapping
 from vlmdefense.problems import ProblemsError
-from vlmdefense.yaml_source import load_yaml_mapping
 
 PROFILES_FILE = Path("reproductions") / "profiles.yaml"
 

@@ -1,0 +1,1 @@
+"""Runs: profiles, the papermill runner and its staleness, result records and provenance."""

@@ -1,0 +1,1 @@
+"""The documentation site generated from the catalog and the results."""

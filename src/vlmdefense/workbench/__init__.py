@@ -1,0 +1,1 @@
+"""The workbench: models, data, attacks, the evaluation protocol and the harness a notebook calls."""
