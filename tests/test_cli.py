@@ -17,6 +17,7 @@ from conftest import REPO, write_entry
 from vlmdefense.catalog.schema import schema_text
 from vlmdefense.catalog.validation import load_catalog
 from vlmdefense.cli import app
+from vlmdefense.runs.records import RESULT_SCHEMA_FILE, result_schema_text
 
 runner = CliRunner()
 
@@ -152,6 +153,24 @@ def test_python_dash_m_entry_point(catalog_dir: Path) -> None:
 def test_schema_json_matches_the_models() -> None:
     committed = (REPO / "catalog" / "schema.json").read_text(encoding="utf-8")
     assert committed == schema_text(), "catalog/schema.json drifted: run `vlmdefense schema --write`"
+
+
+def test_result_schema_json_matches_the_models() -> None:
+    committed = (REPO / "catalog" / RESULT_SCHEMA_FILE).read_text(encoding="utf-8")
+    assert committed == result_schema_text(), f"catalog/{RESULT_SCHEMA_FILE} drifted: run `vlmdefense schema --write`"
+
+
+def test_committed_results_validate_against_the_exported_schema() -> None:
+    import jsonschema
+
+    schema = json.loads(result_schema_text())
+    listed = subprocess.run(
+        ["git", "ls-files", "reproductions/*/*/result.json"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    paths = [REPO / line for line in listed.stdout.split()]
+    assert paths, "no committed result records"
+    for path in paths:
+        jsonschema.validate(json.loads(path.read_text(encoding="utf-8")), schema)
 
 
 def test_schema_json_accepts_the_yaml_shorthands(catalog_dir: Path) -> None:

@@ -21,8 +21,9 @@ def test_split_accuracy() -> None:
     correct = torch.tensor([True, False, True, True, False])
     acc = split_accuracy(correct, labels, (0, 1, 2, 3, 4), torch.tensor([True, False]))
     assert (acc.all, acc.seen, acc.transfer) == (pytest.approx(60.0), 50.0, 50.0)
-    assert acc.unseen == pytest.approx(200 / 3)
-    assert acc.as_dict()["unseen"] == 66.67
+    assert acc.unseen == 66.67  # percent, rounded to two decimals as the record stores it
+    empty = split_accuracy(torch.tensor([True]), torch.tensor([0]), (0,))
+    assert (empty.all, empty.seen, empty.unseen, empty.transfer) == (100.0, 100.0, None, None)
 
 
 def test_accuracy() -> None:

@@ -53,7 +53,7 @@ def test_run_writes_a_valid_result_with_provenance(repo: Path) -> None:
     assert {r.eps.display for r in result.robust} == {"8/255"}
     p = result.provenance
     assert p is not None and p.seed == 0 and p.versions["torch"] and p.duration_seconds > 0
-    assert p.templates["templates"] and p.command == "vlmdefense run baseline --profile quick"
+    assert p.templates is not None and p.templates.templates and p.command == "vlmdefense run baseline --profile quick"
     assert result.run is not None and result.run.executed_notebook == "reproductions/baseline/quick/baseline.ipynb"
     executed = nbformat.read(str(repo / result.run.executed_notebook), as_version=4)
     assert any(cell.get("outputs") for cell in executed.cells if cell.cell_type == "code")

@@ -341,17 +341,24 @@ def new(
 
 @app.command()
 def schema(
-    write: Annotated[bool, typer.Option("--write", help="Write CATALOG/schema.json instead of printing.")] = False,
+    write: Annotated[
+        bool,
+        typer.Option("--write", help="Write CATALOG/schema.json and CATALOG/result.schema.json instead of printing."),
+    ] = False,
+    result: Annotated[bool, typer.Option("--result", help="Print the schema of result.json instead.")] = False,
     catalog_dir: CatalogOption = Path("catalog"),
 ) -> None:
-    """Print (or write) the JSON Schema of a catalog entry, exported from the pydantic models."""
-    text = schema_text()
+    """Print (or write) the JSON Schemas of a catalog entry and of a result record, exported from the pydantic
+    models."""
+    from vlmdefense.runs.records import RESULT_SCHEMA_FILE, result_schema_text
+
     if write:
-        target = catalog_dir / "schema.json"
-        atomic_write_text(target, text)
-        out.print(f"wrote {target}", highlight=False)
+        for name, text in (("schema.json", schema_text()), (RESULT_SCHEMA_FILE, result_schema_text())):
+            target = catalog_dir / name
+            atomic_write_text(target, text)
+            out.print(f"wrote {target}", highlight=False)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(result_schema_text() if result else schema_text())
 
 
 def _repo_root() -> Path:

@@ -19,7 +19,7 @@ from vlmdefense.problems import Problem, ProblemsError, display_path
 logger = logging.getLogger(__name__)
 
 TAXONOMY_FILE = "taxonomy.yaml"
-ALLOWED_TOP_LEVEL = {TAXONOMY_FILE, "schema.json", "README.md"}
+ALLOWED_TOP_LEVEL = {TAXONOMY_FILE, "schema.json", "result.schema.json", "README.md"}
 PLACEHOLDER = "TODO"
 
 

@@ -7,9 +7,10 @@ import subprocess
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from vlmdefense.runs.records import PromptRecord, Provenance
 
 OUTPUTS_PATHSPEC = ":(exclude,glob)reproductions/*/*/**"
 PACKAGES = (
@@ -76,19 +77,19 @@ def provenance(
     seed: int,
     started: str,
     duration: float,
-    templates: dict[str, Any],
+    templates: PromptRecord | None,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> Provenance:
     """The ``provenance`` block of a result record."""
     commit, dirty = git_state(root)
-    return {
-        "git_commit": commit,
-        "dirty": dirty,
-        "versions": package_versions(),
-        "device": device_description(device),
-        "seed": seed,
-        "started": started,
-        "duration_seconds": round(duration, 2),
-        "templates": templates,
-        "command": command,
-    }
+    return Provenance(
+        git_commit=commit,
+        dirty=dirty,
+        versions=package_versions(),
+        device=device_description(device),
+        seed=seed,
+        started=started,
+        duration_seconds=round(duration, 2),
+        templates=templates,
+        command=command,
+    )

@@ -7,12 +7,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
+from vlmdefense.catalog.schema import Reported
 from vlmdefense.problems import Problem, display_path
 from vlmdefense.units import Epsilon, Percent
 
 RESULT_FILE = "result.json"
+RESULT_SCHEMA_FILE = "result.schema.json"
 
 
 class Record(BaseModel):
@@ -35,6 +37,10 @@ class Accuracy(Record):
     seen: Percent | None = None
     unseen: Percent | None = None
     transfer: Percent | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        """Plain values (for findings)."""
+        return self.model_dump()
 
 
 class RobustEntry(Record):
@@ -59,12 +65,49 @@ class Cost(Record):
     backward_passes: float = Field(ge=0, description="backward passes per image at inference")
 
 
+class ModelCardSummary(Record):
+    """What identifies a checkpoint trained by the project (the small CLIP): its recipe, file and quality."""
+
+    recipe_key: str
+    sha256: str
+    train_seconds: float = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    parameters: int = Field(ge=0, description="number of model parameters")
+
+
 class ModelRef(Record):
     """The model as open_clip names it."""
 
     name: str
     pretrained: str | None = None
-    card: dict[str, Any] | None = None
+    card: ModelCardSummary | None = None
+
+
+class DatasetInfo(Record):
+    """The evaluation data of a run."""
+
+    test: str
+    test_images: int = Field(ge=0)
+    transfer: str | None = None
+    transfer_images: int = Field(0, ge=0)
+    seen_classes: list[int] = Field(default_factory=list, description="classes a training-time defense may tune on")
+
+
+class Headline(Record):
+    """The numbers a page shows first: clean accuracy and the worst case over all attacks at the headline ε."""
+
+    eps: Epsilon
+    clean: Percent | None
+    robust: Percent | None = Field(description="worst case of the non-adaptive (or white-box) attacks")
+    robust_adaptive: Percent | None = Field(None, description="worst case of the adaptive attacks, if any")
+
+
+class PromptRecord(Record):
+    """The class names and prompt templates a run used (template drift changes zero-shot numbers)."""
+
+    classnames: list[str]
+    templates: list[str]
+    seen_classes: list[int]
 
 
 class Provenance(Record):
@@ -77,7 +120,7 @@ class Provenance(Record):
     seed: int
     started: str
     duration_seconds: float = Field(ge=0)
-    templates: dict[str, Any]
+    templates: PromptRecord | None = None
     command: str | None = None
 
 
@@ -99,13 +142,13 @@ class Result(Record):
     status: RunStatus
     parameters: dict[str, Any] = Field(default_factory=dict)
     model: ModelRef | None = None
-    dataset: dict[str, Any] | None = None
+    dataset: DatasetInfo | None = None
     clean: Accuracy | None = None
     robust: list[RobustEntry] = Field(default_factory=list)
     cost: Cost | None = None
-    headline: dict[str, Any] | None = None
-    reported: list[dict[str, Any]] = Field(default_factory=list, description="the paper's numbers, from the catalog")
-    findings: dict[str, Any] = Field(default_factory=dict, description="method-specific measurements")
+    headline: Headline | None = None
+    reported: list[Reported] = Field(default_factory=list, description="the paper's numbers, from the catalog")
+    findings: dict[str, JsonValue] = Field(default_factory=dict, description="method-specific measurements")
     provenance: Provenance | None = None
     run: RunInfo | None = None
 
@@ -119,6 +162,19 @@ class Result(Record):
         """Lowest robust accuracy (all test images) at ``eps`` over the recorded attacks."""
         values = [r.acc.all for r in self.robust_at(eps, adaptive) if r.acc.all is not None]
         return min(values) if values else None
+
+
+def result_json_schema() -> dict[str, Any]:
+    """JSON Schema of ``result.json``, exported beside the catalog's (``catalog/result.schema.json``)."""
+    schema = Result.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "VLM Defense Atlas reproduction result"
+    return schema
+
+
+def result_schema_text() -> str:
+    """:func:`result_json_schema` as the committed file's text."""
+    return json.dumps(result_json_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
 def result_path(root: Path, method: str, profile: str) -> Path:

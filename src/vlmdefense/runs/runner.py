@@ -120,7 +120,9 @@ def _failure_record(
         "profile": profile,
         "status": RunStatus.FAILED.value,
         "parameters": params,
-        "provenance": provenance(root, device, int(params.get("seed", 0)), started, seconds, {}, "vlmdefense run"),
+        "provenance": provenance(
+            root, device, int(params.get("seed", 0)), started, seconds, None, "vlmdefense run"
+        ).model_dump(mode="json"),
         "run": run,
     }
 

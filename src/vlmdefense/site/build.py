@@ -248,7 +248,7 @@ def worst(*values: float | None) -> float | None:
 def headline_eps(result: Result | None) -> Epsilon | None:
     if result is None or result.headline is None:
         return None
-    return Epsilon.model_validate(result.headline["eps"])
+    return result.headline.eps
 
 
 # --------------------------------------------------------------------------------------------------
@@ -737,11 +737,11 @@ def _reproduced_section(entry: Entry, data: SiteData, w: Writer) -> str:
         setup = []
         if result.model is not None:
             setup.append(f"model {code(result.model.name)}")
-        dataset = result.dataset or {}
-        if dataset.get("test"):
-            setup.append(f"test set {text(dataset['test'])} ({dataset.get('test_images', '?')} images)")
-        if dataset.get("transfer"):
-            setup.append(f"transfer set {text(dataset['transfer'])} ({dataset.get('transfer_images', '?')} images)")
+        dataset = result.dataset
+        if dataset is not None:
+            setup.append(f"test set {text(dataset.test)} ({dataset.test_images} images)")
+        if dataset is not None and dataset.transfer:
+            setup.append(f"transfer set {text(dataset.transfer)} ({dataset.transfer_images} images)")
         prov = result.provenance
         if prov is not None:
             commit = (prov.git_commit or "unknown")[:10] + (", uncommitted changes" if prov.dirty else "")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vlmdefense.runs.records import Accuracy
 from vlmdefense.workbench.data import ImageSet, PromptSpec, seen_mask
 from vlmdefense.workbench.models import LoadedClip
 
@@ -79,33 +80,19 @@ def batched_correct(predict: Predictor, images: torch.Tensor, labels: torch.Tens
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
-@dataclass
-class SplitAccuracy:
-    """Accuracy in percent on all, seen and unseen classes of the test split, and on the transfer set."""
-
-    all: float
-    seen: float
-    unseen: float
-    transfer: float | None = None
-
-    def as_dict(self) -> dict[str, float | None]:
-        """Rounded for result records."""
-        return {k: (None if v is None else round(v, 2)) for k, v in self.__dict__.items()}
-
-
 def split_accuracy(
     correct: torch.Tensor,
     labels: torch.Tensor,
     seen_classes: Sequence[int],
     transfer_correct: torch.Tensor | None = None,
-) -> SplitAccuracy:
-    """Accuracies from per-image correctness."""
+) -> Accuracy:
+    """Accuracies (percent, two decimals; ``None`` for an empty split) from per-image correctness."""
     mask = seen_mask(labels, tuple(seen_classes))
 
-    def pct(values: torch.Tensor) -> float:
-        return 100.0 * values.float().mean().item() if values.numel() else float("nan")
+    def pct(values: torch.Tensor) -> float | None:
+        return round(100.0 * values.float().mean().item(), 2) if values.numel() else None
 
-    return SplitAccuracy(
+    return Accuracy(
         all=pct(correct),
         seen=pct(correct[mask]),
         unseen=pct(correct[~mask]),
@@ -132,34 +119,6 @@ class PassCounter:
 
 
 @dataclass
-class RobustRecord:
-    """Robust accuracy of one (attack, ε, adaptive) setting."""
-
-    attack: str
-    norm: str
-    eps: float
-    eps_display: str
-    steps: int
-    adaptive: bool
-    acc: SplitAccuracy
-    seconds: float = 0.0
-    target: str = "defended-model"
-
-    def as_dict(self) -> dict[str, Any]:
-        """Result-record form."""
-        return {
-            "attack": self.attack,
-            "norm": self.norm,
-            "eps": {"value": self.eps, "display": self.eps_display},
-            "steps": self.steps,
-            "adaptive": self.adaptive,
-            "target": self.target,
-            "acc": self.acc.as_dict(),
-            "seconds": round(self.seconds, 2),
-        }
-
-
-@dataclass
 class EvalSets:
     """The test split (seen/unseen) and the zero-shot transfer set."""
 
@@ -168,7 +127,7 @@ class EvalSets:
     seen_classes: tuple[int, ...]
 
 
-def clean_accuracy(predict: Predictor, sets: EvalSets, batch_size: int = 256) -> SplitAccuracy:
+def clean_accuracy(predict: Predictor, sets: EvalSets, batch_size: int = 256) -> Accuracy:
     """Clean accuracy of ``predict`` on all splits."""
     correct = batched_correct(predict, sets.test.images, sets.test.labels, batch_size)
     transfer = None
@@ -204,7 +163,7 @@ def robust_accuracy(
     sets: EvalSets,
     batch_size: int = 256,
     desc: str = "attack",
-) -> tuple[SplitAccuracy, float]:
+) -> tuple[Accuracy, float]:
     """Robust accuracy on test (seen/unseen/all) and transfer; returns it with the seconds it took."""
     start = time.perf_counter()
     correct = robust_correct(predict, attack_target, attack, sets.test, batch_size, desc)

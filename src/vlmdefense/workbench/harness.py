@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vlmdefense.catalog.schema import Reported
 from vlmdefense.defenses.base import Defense
 from vlmdefense.fileio import atomic_write_json
 from vlmdefense.runs.provenance import provenance
-from vlmdefense.runs.records import Result
+from vlmdefense.runs.records import (
+    Cost,
+    DatasetInfo,
+    Headline,
+    ModelCardSummary,
+    ModelRef,
+    PromptRecord,
+    Result,
+    RunStatus,
+)
 from vlmdefense.workbench.context import Context, fit, setup  # noqa: F401  (the notebook API)
 from vlmdefense.workbench.evaluation import (
     clean_accuracy,
@@ -26,13 +37,13 @@ from vlmdefense.workbench.evaluation import (
 from vlmdefense.workbench.robustness import robustness
 
 
-def _reported(method: str, root: Path) -> list[dict[str, Any]]:
+def _reported(method: str, root: Path) -> list[Reported]:
     from vlmdefense.catalog.validation import load_catalog
 
     catalog, _ = load_catalog(root / "catalog")
     if catalog is None or method not in catalog.items:
         return []
-    return [r.model_dump(mode="json") for r in catalog.items[method].entry.reported]
+    return list(catalog.items[method].entry.reported)
 
 
 def evaluate(ctx: Context, defense: Defense) -> Result:
@@ -40,65 +51,63 @@ def evaluate(ctx: Context, defense: Defense) -> Result:
     clean = clean_accuracy(defense.predict, ctx.sets, ctx.params["batch_size"])
     rows = robustness(ctx, defense)
     timing = time_inference(defense.predict, ctx.sets.test.images, defense.counter, ctx.params["batch_size"])
-    headline_rows = [r for r in rows if abs(r.eps - ctx.headline.value) < 1e-12]
-    headline = {
-        "eps": {"value": ctx.headline.value, "display": ctx.headline.display},
-        "clean": round(clean.all, 2),
-        "robust": _lowest(r.acc.all for r in headline_rows if not r.adaptive),
-        "robust_adaptive": _lowest(r.acc.all for r in headline_rows if r.adaptive),
-    }
+    at_headline = [r for r in rows if abs(r.eps.value - ctx.headline.value) < 1e-12]
     model = ctx.params["model"]
-    payload = {
-        "method": ctx.method,
-        "profile": ctx.profile,
-        "status": "ok",
-        "parameters": ctx.params,
-        "model": {
-            "name": model["name"],
-            "pretrained": ctx.clip.pretrained if model.get("pretrained") else model.get("pretrained"),
-            "card": _card_summary(ctx.model_card),
-        },
-        "dataset": {
-            "test": ctx.sets.test.name,
-            "test_images": len(ctx.sets.test),
-            "transfer": ctx.sets.transfer.name if ctx.sets.transfer else None,
-            "transfer_images": len(ctx.sets.transfer) if ctx.sets.transfer else 0,
-            "seen_classes": list(ctx.prompts.seen_classes),
-        },
-        "clean": clean.as_dict(),
-        "robust": [r.as_dict() for r in rows],
-        "cost": {
-            "train_seconds": round(ctx.train_seconds, 2),
-            "inference_seconds_per_image": round(timing.seconds_per_image, 6),
-            "forward_passes": round(timing.forward_passes, 2),
-            "backward_passes": round(timing.backward_passes, 2),
-        },
-        "headline": headline,
-        "reported": _reported(ctx.method, ctx.root),
-        "findings": ctx.findings,
-        "provenance": provenance(
+    return Result(
+        method=ctx.method,
+        profile=ctx.profile,
+        status=RunStatus.OK,
+        parameters=ctx.params,
+        model=ModelRef(
+            name=model["name"],
+            pretrained=ctx.clip.pretrained if model.get("pretrained") else model.get("pretrained"),
+            card=_card_summary(ctx.model_card),
+        ),
+        dataset=DatasetInfo(
+            test=ctx.sets.test.name,
+            test_images=len(ctx.sets.test),
+            transfer=ctx.sets.transfer.name if ctx.sets.transfer else None,
+            transfer_images=len(ctx.sets.transfer) if ctx.sets.transfer else 0,
+            seen_classes=list(ctx.prompts.seen_classes),
+        ),
+        clean=clean,
+        robust=rows,
+        cost=Cost(
+            train_seconds=round(ctx.train_seconds, 2),
+            inference_seconds_per_image=round(timing.seconds_per_image, 6),
+            forward_passes=round(timing.forward_passes, 2),
+            backward_passes=round(timing.backward_passes, 2),
+        ),
+        headline=Headline(
+            eps=ctx.headline,
+            clean=clean.all,
+            robust=_lowest(r.acc.all for r in at_headline if not r.adaptive),
+            robust_adaptive=_lowest(r.acc.all for r in at_headline if r.adaptive),
+        ),
+        reported=_reported(ctx.method, ctx.root),
+        findings=ctx.findings,
+        provenance=provenance(
             ctx.root,
             ctx.device,
             int(ctx.params.get("seed", 0)),
             ctx.started,
             time.perf_counter() - ctx.start_time,
-            ctx.prompts.as_dict(),
+            PromptRecord.model_validate(ctx.prompts.as_dict()),
             os.environ.get("VLMDEFENSE_COMMAND"),
         ),
-    }
-    return Result.model_validate(payload)
+    )
 
 
-def _lowest(values: Any) -> float | None:
-    found = list(values)
+def _lowest(values: Iterable[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
     return round(min(found), 2) if found else None
 
 
-def _card_summary(card: dict[str, Any] | None) -> dict[str, Any] | None:
+def _card_summary(card: dict[str, Any] | None) -> ModelCardSummary | None:
     if card is None:
         return None
     keys = ("recipe_key", "sha256", "train_seconds", "metrics", "parameters")
-    return {k: card[k] for k in keys if k in card}
+    return ModelCardSummary.model_validate({k: card[k] for k in keys if k in card})
 
 
 def save_result(result: Result, path: str | Path | None) -> Path | None:

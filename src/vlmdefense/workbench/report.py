@@ -35,14 +35,14 @@ def comparison_table(result: Result, baseline: Result | None) -> str:
     """Markdown: this defense against the baseline at the headline ε (clean, non-adaptive, adaptive)."""
     if result.headline is None:
         return "No headline numbers."
-    eps = result.headline["eps"]["display"]
+    eps = result.headline.eps.display
     rows = ["| | clean | robust (non-adaptive) | robust (adaptive) |", "| --- | --- | --- | --- |"]
     for label, record in (("baseline (undefended)", baseline), (result.method, result)):
         if record is None or record.headline is None:
             rows.append(f"| {label} | no result | | |")
             continue
         h = record.headline
-        rows.append(f"| {label} | {_fmt(h['clean'])} | {_fmt(h['robust'])} | {_fmt(h.get('robust_adaptive'))} |")
+        rows.append(f"| {label} | {_fmt(h.clean)} | {_fmt(h.robust)} | {_fmt(h.robust_adaptive)} |")
     return f"At the headline ε = {eps} (worst case over the profile's attacks):\n\n" + "\n".join(rows)
 
 
@@ -53,8 +53,8 @@ def reported_table(result: Result) -> str:
     rows = ["| model | dataset | attack | ε | clean | robust | source |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result.reported:
         rows.append(
-            f"| {r['model']} | {r['dataset']} | {r['attack']} | {r['eps']['display']} | {_fmt(r.get('clean'))} | "
-            f"{_fmt(r.get('robust'))} | {r['source']} |"
+            f"| {r.model} | {r.dataset} | {r.attack} | {r.eps.display} | {_fmt(r.clean)} | "
+            f"{_fmt(r.robust)} | {r.source} |"
         )
     return "\n".join(rows)
 
@@ -129,7 +129,7 @@ def headline_entries(result: Result) -> list[RobustEntry]:
     """The robust entries at the headline ε."""
     if result.headline is None:
         return []
-    return result.robust_at(result.headline["eps"]["value"])
+    return result.robust_at(result.headline.eps.value)
 
 
 def cost_table(result: Result) -> str:
@@ -173,7 +173,7 @@ def headline_numbers(result: Result | None) -> tuple[float | None, float | None,
     if result is None or result.headline is None:
         return None, None, None
     h = result.headline
-    return h.get("clean"), h.get("robust"), h.get("robust_adaptive")
+    return h.clean, h.robust, h.robust_adaptive
 
 
 def robust_gain(result: Result, baseline: Result | None) -> float | None:
@@ -269,7 +269,7 @@ def plot_seen_unseen(results: dict[str, Result], baseline: Result | None = None)
         eps = ""
         if kind == "robust":
             first = next((r for r in entries.values() if r.headline), None)
-            eps = f" at ε = {first.headline['eps']['display']}" if first else ""
+            eps = f" at ε = {first.headline.eps.display}" if first and first.headline else ""
         ax.set_title(f"{kind}{eps}")
         ax.grid(alpha=0.3)
     fig.tight_layout()

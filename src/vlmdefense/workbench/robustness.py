@@ -7,13 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 from vlmdefense.defenses.base import Defense
+from vlmdefense.runs.records import RobustEntry
 from vlmdefense.units import Epsilon
 from vlmdefense.workbench.attacks import WorstCase, make_attack
 from vlmdefense.workbench.context import Context
-from vlmdefense.workbench.evaluation import (
-    RobustRecord,
-    robust_accuracy,
-)
+from vlmdefense.workbench.evaluation import robust_accuracy
 from vlmdefense.workbench.models import set_seed
 
 AttackFactory = Callable[[int], Any]
@@ -21,7 +19,7 @@ AttackFactory = Callable[[int], Any]
 
 def _measure(
     ctx: Context, defense: Defense, budget: Epsilon, make: AttackFactory, steps: int, eot: int, target: str
-) -> RobustRecord:
+) -> RobustEntry:
     """One robust-accuracy row: ``defense`` predicts on images crafted against ``target``."""
     adaptive = target == "defended-pipeline"
     attacked = {"base-model": ctx.base, "defended-model": defense.predict}.get(target) or defense.attack_surface()
@@ -37,12 +35,19 @@ def _measure(
         desc=f"{name} {budget.display} ({target})",
     )
     norm = getattr(attack, "norm", "linf")
-    return RobustRecord(name, norm, budget.value, budget.display, steps, adaptive, acc, seconds, target)
+    return RobustEntry(
+        attack=name,
+        norm=norm,
+        eps=budget,
+        steps=steps,
+        adaptive=adaptive,
+        target=target,
+        acc=acc,
+        seconds=round(seconds, 2),
+    )
 
 
-def _attack_rows(
-    ctx: Context, defense: Defense, budget: Epsilon, make: AttackFactory, steps: int
-) -> list[RobustRecord]:
+def _attack_rows(ctx: Context, defense: Defense, budget: Epsilon, make: AttackFactory, steps: int) -> list[RobustEntry]:
     """A static defense is attacked white-box; an inference-time defense twice: through the base model
     (non-adaptive, as many papers report) and through its whole pipeline (adaptive, EOT when randomised)."""
     if defense.kind == "static":
@@ -51,7 +56,7 @@ def _attack_rows(
     return [_measure(ctx, defense, budget, make, steps, eot, target) for target in ("base-model", "defended-pipeline")]
 
 
-def robustness(ctx: Context, defense: Defense) -> list[RobustRecord]:
+def robustness(ctx: Context, defense: Defense) -> list[RobustEntry]:
     """The ε sweep with the profile's sweep attack, then the worst case over all attacks at the headline ε."""
 
     def factory(specs: list[dict[str, Any]], budget: Epsilon) -> AttackFactory:
@@ -61,7 +66,7 @@ def robustness(ctx: Context, defense: Defense) -> list[RobustRecord]:
 
         return make
 
-    rows: list[RobustRecord] = []
+    rows: list[RobustEntry] = []
     sweep = ctx.params["sweep_attack"]
     for budget in ctx.eps:
         rows += _attack_rows(ctx, defense, budget, factory([sweep], budget), int(sweep["steps"]))
