@@ -103,7 +103,7 @@ def write_result(root: Path, method: str, shift: float, adaptive_drop: float | N
             "seed": 0,
             "started": "2026-01-01T00:00:00+00:00",
             "duration_seconds": 3.0,
-            "templates": {},
+            "templates": None,
         },
     }
     folder = root / "reproductions" / method / "smoke"
