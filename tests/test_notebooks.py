@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO
 from vlmdefense.catalog.validation import load_catalog
 from vlmdefense.runs.records import check_result_file, read_result
-from vlmdefense.runs.runner import available_methods, run_one
+from vlmdefense.runs.runner import run_one
+from vlmdefense.runs.staleness import available_methods
 
 METHODS = available_methods(REPO)
 

@@ -14,7 +14,8 @@ from conftest import REPO
 from vlmdefense.cli import app
 from vlmdefense.runs.profiles import deep_merge, load_profiles, method_parameters, parse_overrides
 from vlmdefense.runs.records import check_result_file, read_result
-from vlmdefense.runs.runner import RunState, available_methods, run_many, run_one, run_state
+from vlmdefense.runs.runner import run_many, run_one
+from vlmdefense.runs.staleness import RunState, available_methods, run_state
 
 
 def make_repo(tmp_path: Path) -> Path:

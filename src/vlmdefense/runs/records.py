@@ -128,6 +128,9 @@ class RunInfo(Record):
     """Added by the runner: what was executed and the hash that decides whether the record is stale."""
 
     input_hash: str
+    inputs: dict[str, str] | None = Field(
+        None, description="digest of each input (notebook, parameters, code, version): what changed when stale"
+    )
     notebook: str
     executed_notebook: str
     runner: str = "papermill"

@@ -1,14 +1,14 @@
 """Run reproduction notebooks with papermill: merged parameters, provenance, atomic writes, resume.
 
 ``reproductions/<id>/<profile>/`` receives the executed notebook ``<id>.ipynb`` and ``result.json``.
-A run is up to date when its result's ``run.input_hash`` equals the hash of the notebook's source,
-the merged parameters and the library version; such runs are skipped unless forced. A failed run
+A run is up to date when its result's ``run.input_hash`` equals the hash of its inputs (the notebook's
+source, the merged parameters, the library code it depends on and the library version: see
+:mod:`vlmdefense.runs.staleness`); such runs are skipped unless forced. A failed run
 keeps its executed notebook (with the traceback) and is recorded as ``failed``; the others go on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,32 +18,28 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import nbformat
 
-from vlmdefense import __version__
 from vlmdefense.fileio import atomic_write_json
 from vlmdefense.runs.profiles import load_profiles, method_parameters
 from vlmdefense.runs.provenance import now_iso, provenance
 from vlmdefense.runs.records import RESULT_FILE, Result, RunStatus, check_result_file
+from vlmdefense.runs.staleness import (
+    REPRODUCTIONS,
+    RunState,
+    input_hash,
+    notebook_path,
+    output_dir,
+    run_inputs,
+    run_state,
+)
 
 logger = logging.getLogger(__name__)
 
-NOTEBOOKS = "notebooks"
-REPRODUCTIONS = "reproductions"
 TEMPLATE = "_template"
-
-
-class RunState(str, Enum):
-    """State of one (method, profile) pair, as ``vlmdefense status`` shows it."""
-
-    OK = "ok"
-    STALE = "stale"
-    FAILED = "failed"
-    MISSING = "missing"
 
 
 @dataclass
@@ -55,60 +51,6 @@ class RunOutcome:
     state: str  # ran, skipped, failed
     seconds: float
     message: str = ""
-
-
-def notebook_path(root: Path, method: str) -> Path:
-    """``notebooks/<method>.ipynb``."""
-    return Path(root) / NOTEBOOKS / f"{method}.ipynb"
-
-
-def output_dir(root: Path, method: str, profile: str) -> Path:
-    """``reproductions/<method>/<profile>/``."""
-    return Path(root) / REPRODUCTIONS / method / profile
-
-
-def available_methods(root: Path) -> list[str]:
-    """Methods with a notebook (the template excluded), baseline first."""
-    names = sorted(p.stem for p in (Path(root) / NOTEBOOKS).glob("*.ipynb") if not p.stem.startswith("_"))
-    return sorted(names, key=lambda n: (n != "baseline", n))
-
-
-def _notebook_source_digest(path: Path) -> str:
-    """Hash of the cells' sources only: outputs and execution counts do not make a run stale."""
-    notebook = nbformat.read(str(path), as_version=4)
-    sources = [(cell.cell_type, cell.source) for cell in notebook.cells]
-    return hashlib.sha256(json.dumps(sources).encode()).hexdigest()
-
-
-def input_hash(root: Path, method: str, parameters: dict[str, Any]) -> str:
-    """Hash of the notebook's source, the merged parameters and the library version."""
-    payload = {
-        "notebook": _notebook_source_digest(notebook_path(root, method)),
-        "parameters": parameters,
-        "library": __version__,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def run_state(root: Path, method: str, profile: str, overrides: dict[str, Any] | None = None) -> RunState:
-    """ok / stale / failed / missing for one method and profile."""
-    record = _read_json(output_dir(root, method, profile) / RESULT_FILE)
-    if record is None:
-        return RunState.MISSING
-    if record.get("status") != RunStatus.OK.value:
-        return RunState.FAILED
-    if not notebook_path(root, method).is_file():
-        return RunState.STALE
-    params = method_parameters(load_profiles(root)[profile], method, overrides)
-    stored = (record.get("run") or {}).get("input_hash")
-    return RunState.OK if stored == input_hash(root, method, params) else RunState.STALE
 
 
 def _failure_record(
@@ -162,7 +104,7 @@ def run_one(
     if profile not in profiles:
         return RunOutcome(method, profile, "failed", 0.0, f"unknown profile {profile!r}")
     params = method_parameters(profiles[profile], method, overrides)
-    digest = input_hash(root, method, params)
+    inputs = run_inputs(root, method, params)
     target = output_dir(root, method, profile)
     result_file = target / RESULT_FILE
     if not force and run_state(root, method, profile, overrides) is RunState.OK:
@@ -172,7 +114,8 @@ def run_one(
     started = now_iso()
     start = time.perf_counter()
     run_info = {
-        "input_hash": digest,
+        "input_hash": input_hash(inputs),
+        "inputs": inputs,
         "notebook": str(source.relative_to(root)),
         "executed_notebook": str(executed.relative_to(root)),
         "runner": f"papermill {papermill.__version__}",

@@ -1,4 +1,4 @@
-"""The ``vlmdefense`` command line: validate, list, show, new and bibtex (more in later modules)."""
+"""Catalog commands: validate, list, show, bibtex, new, schema."""
 
 from __future__ import annotations
 
@@ -6,78 +6,19 @@ import csv
 import io
 import json
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from vlmdefense import __version__
 from vlmdefense.catalog.bibtex import bibtex
 from vlmdefense.catalog.scaffold import ScaffoldError, new_entry, new_notebook
 from vlmdefense.catalog.schema import Entry, Paradigm, schema_text
-from vlmdefense.catalog.validation import Catalog, load_catalog
+from vlmdefense.catalog.validation import load_catalog
+from vlmdefense.cli.common import BASELINE, CatalogOption, OutputFormat, app, fail, open_catalog, out
 from vlmdefense.fileio import atomic_write_text
 from vlmdefense.problems import ProblemsError
-from vlmdefense.site.cli import site_app
-
-app = typer.Typer(
-    help="VLM Defense Atlas: browse, validate and reproduce adversarial defenses of VLMs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-CatalogOption = Annotated[Path, typer.Option("--catalog", "-c", help="Catalog directory.", show_default=True)]
-
-
-BASELINE = "baseline"
-
-
-class OutputFormat(str, Enum):
-    """Output formats of ``list``."""
-
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one ``error:`` line to stderr and exit."""
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
-    raise typer.Exit(code)
-
-
-def _version(value: bool) -> None:
-    if value:
-        out.print(f"vlmdefense {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
-    ] = False,
-) -> None:
-    """VLM Defense Atlas."""
-
-
-def open_catalog(root: Path) -> Catalog:
-    """Load the catalog for browsing: invalid files are skipped with a warning on stderr."""
-    catalog, problems = load_catalog(root)
-    if catalog is None:
-        fail(str(problems[0]) if problems else f"cannot load catalog {root}")
-    if problems:
-        err.print(
-            f"warning: {len(problems)} problem(s) in {root}; run `vlmdefense validate` for details",
-            highlight=False,
-        )
-    return catalog
 
 
 @app.command()
@@ -359,158 +300,3 @@ def schema(
             out.print(f"wrote {target}", highlight=False)
     else:
         sys.stdout.write(result_schema_text() if result else schema_text())
-
-
-def _repo_root() -> Path:
-    from vlmdefense.paths import find_root
-
-    try:
-        return find_root()
-    except FileNotFoundError as exc:
-        fail(str(exc))
-
-
-@app.command()
-def run(
-    method_ids: Annotated[list[str] | None, typer.Argument(metavar="[ID...]", help="Methods to run.")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Run every notebook.")] = False,
-    profile: Annotated[str, typer.Option("--profile", help="Profile of reproductions/profiles.yaml.")] = "smoke",
-    param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (YAML value); repeatable.")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Rerun even when up to date.")] = False,
-) -> None:
-    """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/."""
-    from vlmdefense.runs.profiles import load_profiles, parse_overrides
-    from vlmdefense.runs.runner import available_methods, run_many
-
-    root = _repo_root()
-    if all_ == bool(method_ids):
-        fail("give method ids or --all (not both)", code=2)
-    try:
-        overrides = parse_overrides(param or [])
-        profiles = load_profiles(root)
-    except (ValueError, ProblemsError) as exc:
-        fail(str(exc), code=2)
-    if profile not in profiles:
-        fail(f"unknown profile {profile!r} (one of: {', '.join(profiles)})", code=2)
-    known = available_methods(root)
-    methods = known if all_ else list(method_ids or [])
-    for method in methods:
-        if method not in known:
-            from vlmdefense.catalog.validation import unknown_id_message
-
-            fail(unknown_id_message(method, known).replace("in the catalog", "with a notebook"))
-
-    def report(outcome) -> None:
-        style = {"ran": "green", "skipped": "dim", "failed": "bold red"}[outcome.state]
-        extra = f" — {outcome.message}" if outcome.message else ""
-        out.print(
-            f"[{style}]{outcome.state:>7}[/] {outcome.method} ({outcome.profile}, {outcome.seconds:.0f} s){extra}",
-            highlight=False,
-        )
-
-    outcomes = run_many(root, methods, profile, overrides, force, on_done=report, progress=sys.stderr.isatty())
-    counts = {state: sum(o.state == state for o in outcomes) for state in ("ran", "skipped", "failed")}
-    total = sum(o.seconds for o in outcomes)
-    out.print(
-        f"{counts['ran']} ran, {counts['skipped']} up to date, {counts['failed']} failed ({total:.0f} s)",
-        highlight=False,
-    )
-    if counts["failed"]:
-        raise typer.Exit(1)
-
-
-@app.command()
-def status(
-    profile: Annotated[list[str] | None, typer.Option("--profile", help="Profiles to show (default: all).")] = None,
-) -> None:
-    """Show every method × profile as ok / stale / failed / missing."""
-    from vlmdefense.runs.profiles import load_profiles
-    from vlmdefense.runs.runner import available_methods, run_state
-
-    root = _repo_root()
-    names = profile or list(load_profiles(root))
-    colours = {"ok": "green", "stale": "yellow", "failed": "red", "missing": "dim"}
-    table = Table(title="reproductions")
-    table.add_column("method")
-    for name in names:
-        table.add_column(name)
-    for method in available_methods(root):
-        states = [run_state(root, method, name).value for name in names]
-        table.add_row(method, *(f"[{colours[s]}]{s}[/]" for s in states))
-    out.print(table)
-
-
-@app.command()
-def check(
-    method_id: Annotated[str, typer.Argument(metavar="ID", help="Method id.")],
-    profile: Annotated[str, typer.Option("--profile", help="Profile to run the notebook with.")] = "smoke",
-    param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (YAML value); repeatable.")
-    ] = None,
-) -> None:
-    """Validate one entry, run its notebook, build its page; say in one screen what is missing."""
-    from vlmdefense.runs.check import check_method
-    from vlmdefense.runs.profiles import parse_overrides
-
-    root = _repo_root()
-    try:
-        overrides = parse_overrides(param or [])
-    except ValueError as exc:
-        fail(str(exc), code=2)
-    report = check_method(root, method_id, profile, overrides, progress=sys.stderr.isatty())
-    marks = {True: "[green]✓[/]", False: "[bold red]✗[/]", None: "[dim]·[/]"}
-    for step in report.steps:
-        out.print(f"{marks[step.ok]} {step.name:<9} {step.detail}", highlight=False)
-        for line in step.problems:
-            out.print(f"    {line}", highlight=False, markup=False)
-    if report.missing:
-        out.print("\nstill missing (not required by the schema, expected by reviewers):", highlight=False)
-        for line in report.missing:
-            out.print(f"  - {line}", highlight=False, markup=False)
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-model_app = typer.Typer(help="The small CLIP of the smoke profile.", no_args_is_help=True)
-app.add_typer(model_app, name="model")
-
-
-@model_app.command("train")
-def model_train(
-    out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Folder for model.pt and card.json (default: cache).")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Override the recipe's epochs.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
-) -> None:
-    """Train the small CLIP by its recipe and write the checkpoint and its card."""
-    from dataclasses import replace
-
-    from vlmdefense.workbench.models import Recipe, write_small_clip
-
-    recipe = Recipe()
-    if epochs is not None:
-        recipe = replace(recipe, epochs=epochs)
-    if seed is not None:
-        recipe = replace(recipe, seed=seed)
-    path, card = write_small_clip(recipe, out_dir, progress=sys.stderr.isatty())
-    out.print(f"wrote {path}", highlight=False)
-    out.print(
-        f"zero-shot test accuracy {card['metrics']['zero_shot_test_accuracy']:.1f} %, "
-        f"trained in {card['train_seconds']:.0f} s, sha256 {card['sha256'][:12]}",
-        highlight=False,
-    )
-
-
-app.add_typer(site_app, name="site")
-
-
-def main() -> None:
-    """Entry point of the ``vlmdefense`` script."""
-    app()
-
-
-if __name__ == "__main__":
-    main()

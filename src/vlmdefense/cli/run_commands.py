@@ -1,0 +1,166 @@
+"""Reproduction commands: run, status, check, and the small CLIP's ``model train``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from vlmdefense.cli.common import OutputFormat, app, fail, out, repo_root
+from vlmdefense.problems import ProblemsError
+
+
+@app.command()
+def run(
+    method_ids: Annotated[list[str] | None, typer.Argument(metavar="[ID...]", help="Methods to run.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Run every notebook.")] = False,
+    profile: Annotated[str, typer.Option("--profile", help="Profile of reproductions/profiles.yaml.")] = "smoke",
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (YAML value); repeatable.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun even when up to date.")] = False,
+) -> None:
+    """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/."""
+    from vlmdefense.runs.profiles import load_profiles, parse_overrides
+    from vlmdefense.runs.runner import run_many
+    from vlmdefense.runs.staleness import available_methods
+
+    root = repo_root()
+    if all_ == bool(method_ids):
+        fail("give method ids or --all (not both)", code=2)
+    try:
+        overrides = parse_overrides(param or [])
+        profiles = load_profiles(root)
+    except (ValueError, ProblemsError) as exc:
+        fail(str(exc), code=2)
+    if profile not in profiles:
+        fail(f"unknown profile {profile!r} (one of: {', '.join(profiles)})", code=2)
+    known = available_methods(root)
+    methods = known if all_ else list(method_ids or [])
+    for method in methods:
+        if method not in known:
+            from vlmdefense.catalog.validation import unknown_id_message
+
+            fail(unknown_id_message(method, known).replace("in the catalog", "with a notebook"))
+
+    def report(outcome) -> None:
+        style = {"ran": "green", "skipped": "dim", "failed": "bold red"}[outcome.state]
+        extra = f" — {outcome.message}" if outcome.message else ""
+        out.print(
+            f"[{style}]{outcome.state:>7}[/] {outcome.method} ({outcome.profile}, {outcome.seconds:.0f} s){extra}",
+            highlight=False,
+        )
+
+    outcomes = run_many(root, methods, profile, overrides, force, on_done=report, progress=sys.stderr.isatty())
+    counts = {state: sum(o.state == state for o in outcomes) for state in ("ran", "skipped", "failed")}
+    total = sum(o.seconds for o in outcomes)
+    out.print(
+        f"{counts['ran']} ran, {counts['skipped']} up to date, {counts['failed']} failed ({total:.0f} s)",
+        highlight=False,
+    )
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    profile: Annotated[list[str] | None, typer.Option("--profile", help="Profiles to show (default: all).")] = None,
+    format_: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="table, json (one object per method × profile) or csv.")
+    ] = OutputFormat.table,
+) -> None:
+    """Show every method × profile as ok / stale / failed / missing; a stale result names the inputs that
+    changed (notebook, parameters, code, version)."""
+    from vlmdefense.runs.profiles import load_profiles
+    from vlmdefense.runs.staleness import available_methods, state_report
+
+    root = repo_root()
+    names = profile or list(load_profiles(root))
+    reports = [state_report(root, method, name) for method in available_methods(root) for name in names]
+    if format_ is OutputFormat.json:
+        sys.stdout.write(json.dumps([r.as_dict() for r in reports], indent=2) + "\n")
+        return
+    if format_ is OutputFormat.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["method", "profile", "state", "changed"])
+        writer.writerows([r.method, r.profile, r.state.value, " ".join(r.changed)] for r in reports)
+        return
+    colours = {"ok": "green", "stale": "yellow", "failed": "red", "missing": "dim"}
+    table = Table(title="reproductions")
+    table.add_column("method")
+    for name in names:
+        table.add_column(name)
+    for method in available_methods(root):
+        cells = []
+        for r in (r for r in reports if r.method == method):
+            why = f" ({', '.join(r.changed)})" if r.changed else ""
+            cells.append(f"[{colours[r.state.value]}]{r.state.value}[/]{why}")
+        table.add_row(method, *cells)
+    out.print(table)
+
+
+@app.command()
+def check(
+    method_id: Annotated[str, typer.Argument(metavar="ID", help="Method id.")],
+    profile: Annotated[str, typer.Option("--profile", help="Profile to run the notebook with.")] = "smoke",
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (YAML value); repeatable.")
+    ] = None,
+) -> None:
+    """Validate one entry, run its notebook, build its page; say in one screen what is missing."""
+    from vlmdefense.runs.check import check_method
+    from vlmdefense.runs.profiles import parse_overrides
+
+    root = repo_root()
+    try:
+        overrides = parse_overrides(param or [])
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    report = check_method(root, method_id, profile, overrides, progress=sys.stderr.isatty())
+    marks = {True: "[green]✓[/]", False: "[bold red]✗[/]", None: "[dim]·[/]"}
+    for step in report.steps:
+        out.print(f"{marks[step.ok]} {step.name:<9} {step.detail}", highlight=False)
+        for line in step.problems:
+            out.print(f"    {line}", highlight=False, markup=False)
+    if report.missing:
+        out.print("\nstill missing (not required by the schema, expected by reviewers):", highlight=False)
+        for line in report.missing:
+            out.print(f"  - {line}", highlight=False, markup=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+model_app = typer.Typer(help="The small CLIP of the smoke profile.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("train")
+def model_train(
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for model.pt and card.json (default: cache).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the recipe's epochs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
+) -> None:
+    """Train the small CLIP by its recipe and write the checkpoint and its card."""
+    from dataclasses import replace
+
+    from vlmdefense.workbench.models import Recipe, write_small_clip
+
+    recipe = Recipe()
+    if epochs is not None:
+        recipe = replace(recipe, epochs=epochs)
+    if seed is not None:
+        recipe = replace(recipe, seed=seed)
+    path, card = write_small_clip(recipe, out_dir, progress=sys.stderr.isatty())
+    out.print(f"wrote {path}", highlight=False)
+    out.print(
+        f"zero-shot test accuracy {card['metrics']['zero_shot_test_accuracy']:.1f} %, "
+        f"trained in {card['train_seconds']:.0f} s, sha256 {card['sha256'][:12]}",
+        highlight=False,
+    )

@@ -1,0 +1,117 @@
+"""Staleness sees the code: a result goes stale when a library module its run depends on changes, and only
+then; ``vlmdefense status --format json`` lists every method × profile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+from vlmdefense.cli import app
+from vlmdefense.runs.code_digest import PACKAGE_DIR, closure, defense_module, dependency_files, imported_names
+from vlmdefense.runs.profiles import load_profiles, method_parameters
+from vlmdefense.runs.staleness import RunState, input_hash, run_inputs, state_report
+
+METHODS = ("baseline", "tecoa", "fare")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Path, Path]:
+    """A repository with three notebooks and fresh-looking records, and a copy of the library to edit."""
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    for method in METHODS:
+        shutil.copy(REPO / "notebooks" / f"{method}.ipynb", root / "notebooks")
+    shutil.copytree(REPO / "reproductions", root / "reproductions", ignore=shutil.ignore_patterns("*.ipynb"))
+    package = tmp_path / "vlmdefense"
+    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    for method in METHODS:
+        params = method_parameters(load_profiles(root)["smoke"], method)
+        inputs = run_inputs(root, method, params, package)
+        path = root / "reproductions" / method / "smoke" / "result.json"
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["run"] = {**record["run"], "input_hash": input_hash(inputs), "inputs": inputs}
+        path.write_text(json.dumps(record), encoding="utf-8")
+    return root, package
+
+
+def states(root: Path, package: Path) -> dict[str, tuple[RunState, list[str]]]:
+    reports = (state_report(root, m, "smoke", package_dir=package) for m in METHODS)
+    return {r.method: (r.state, r.changed) for r in reports}
+
+
+def edit(path: Path) -> None:
+    path.write_text(path.read_text(encoding="utf-8") + "\n# an edit\n", encoding="utf-8")
+
+
+def test_fresh_records_are_ok(world: tuple[Path, Path]) -> None:
+    assert {m: s for m, (s, _) in states(*world).items()} == dict.fromkeys(METHODS, RunState.OK)
+
+
+def test_editing_a_defense_module_makes_only_that_method_stale(world: tuple[Path, Path]) -> None:
+    root, package = world
+    own = defense_module("tecoa", package)
+    assert own is not None and own.parent.parent.name == "defenses", own
+    edit(own)
+    assert states(root, package) == {
+        "baseline": (RunState.OK, []),
+        "tecoa": (RunState.STALE, ["code"]),
+        "fare": (RunState.OK, []),
+    }
+
+
+def test_editing_shared_workbench_code_makes_every_method_stale(world: tuple[Path, Path]) -> None:
+    root, package = world
+    edit(package / "workbench" / "attacks.py")
+    assert {m: s for m, (s, _) in states(root, package).items()} == dict.fromkeys(METHODS, RunState.STALE)
+
+
+def test_code_no_run_depends_on_leaves_results_ok(world: tuple[Path, Path]) -> None:
+    root, package = world
+    for path in (package / "site").glob("*.py"):
+        edit(path)
+    edit(package / "cli" / "common.py")
+    assert {m: s for m, (s, _) in states(root, package).items()} == dict.fromkeys(METHODS, RunState.OK)
+
+
+def test_a_parameter_change_names_parameters(world: tuple[Path, Path]) -> None:
+    root, package = world
+    profiles = root / "reproductions" / "profiles.yaml"
+    profiles.write_text(profiles.read_text(encoding="utf-8").replace("seed: 0", "seed: 1", 1), encoding="utf-8")
+    assert states(root, package)["baseline"] == (RunState.STALE, ["parameters"])
+
+
+def test_imports_are_read_statically_relative_and_inside_functions() -> None:
+    source = "from . import a\nfrom .b import c\nimport os\ndef f():\n    from vlmdefense.x import y\n"
+    assert imported_names(source, "vlmdefense.pkg.mod") == {
+        "vlmdefense.pkg",
+        "vlmdefense.pkg.a",
+        "vlmdefense.pkg.b",
+        "vlmdefense.pkg.b.c",
+        "vlmdefense.x",
+        "vlmdefense.x.y",
+    }
+    assert imported_names("from .. import z", "vlmdefense.pkg", is_package=True) == {"vlmdefense", "vlmdefense.z"}
+
+
+def test_the_closure_of_the_harness_holds_what_it_imports_and_not_the_site() -> None:
+    names = {str(p.relative_to(PACKAGE_DIR)) for p in closure(["vlmdefense.workbench.harness"])}
+    assert {"workbench/harness.py", "workbench/attacks.py", "runs/records.py", "__init__.py"} <= names
+    assert not any(n.startswith(("site/", "cli/")) for n in names)
+    files = dependency_files(REPO / "notebooks" / "tecoa.ipynb", "tecoa")
+    assert defense_module("tecoa") in files and PACKAGE_DIR / "data" / "digits.yaml" in files
+
+
+def test_status_json_lists_every_method_and_profile() -> None:
+    result = CliRunner().invoke(app, ["status", "--format", "json"], env={"VLMDEFENSE_ROOT": str(REPO)})
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    profiles = list(load_profiles(REPO))
+    notebooks = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb") if not p.stem.startswith("_"))
+    assert sorted({r["method"] for r in rows}) == notebooks
+    assert len(rows) == len(notebooks) * len(profiles)
+    assert {r["state"] for r in rows} <= {"ok", "stale", "failed", "missing"}
