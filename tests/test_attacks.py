@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from vlmdefense.workbench.attacks import APGD, PGD, WorstCase, bpda, input_gradient, make_attack, project
+from vlmdefense.workbench.attacks import (
+    APGD,
+    PGD,
+    WorstCase,
+    bpda,
+    input_gradient,
+    make_attack,
+    project,
+    random_start,
+)
 from vlmdefense.workbench.data import digit_prompts, load_digits_split
 from vlmdefense.workbench.evaluation import ZeroShotClassifier, accuracy
 from vlmdefense.workbench.models import SMALL_CLIP, load_clip
@@ -119,3 +129,67 @@ def test_make_attack() -> None:
     assert make_attack("apgd", 0.1, 7).name == "APGD-CE-7"
     with pytest.raises(ValueError, match="unknown attack"):
         make_attack("fgsm", 0.1, 1)
+
+
+def _former_maximise(objective, images, eps, steps, step_size):
+    """The inner attack of adversarial training as it was written before PGD took an objective."""
+    images = images.detach()
+    if eps == 0 or steps == 0:
+        return images.clone()
+    x = random_start(images, eps, "linf")
+    for _ in range(steps):
+        x_ = x.detach().requires_grad_(True)
+        grad = torch.autograd.grad(objective(x_), x_)[0]
+        x = (images + project(x_.detach() + step_size * grad.sign() - images, eps, "linf")).clamp(0, 1)
+    return x.detach()
+
+
+def _former_pgd(model, images, labels, eps, steps, alpha, norm, start):
+    """PGD's iteration as it was written before it took an objective."""
+    images = images.detach()
+    x = random_start(images, eps, norm) if start else images.clone()
+    for _ in range(steps):
+        grad = torch.zeros_like(x)
+        x_ = x.detach().requires_grad_(True)
+        grad += torch.autograd.grad(F.cross_entropy(model(x_), labels, reduction="sum"), x_)[0]
+        grad = grad / 1
+        x = (
+            x + alpha * grad.sign()
+            if norm == "linf"
+            else x + alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        )
+        x = (images + project(x - images, eps, norm)).clamp(0, 1).detach()
+    return x
+
+
+@pytest.mark.parametrize(
+    ("eps", "steps", "step_size"), [(4 / 255, 1, 4 / 255), (8 / 255, 3, 8 / 255 / 2), (0.0, 2, 0.1)]
+)
+def test_pgd_maximise_equals_the_former_inner_attack_bit_for_bit(setup, eps, steps, step_size) -> None:
+    """PGD with an objective replaces adversarial training's own PGD loop: same draws, same float ops."""
+    model, x, y = setup
+    x, y = x[:16], y[:16]
+    objectives = {
+        "mean cross-entropy": lambda z: F.cross_entropy(model(z), y),
+        "embedding distance": lambda z: (model.embed(z) - model.embed(x).detach()).pow(2).sum(-1).mean(),
+    }
+    for objective in objectives.values():
+        torch.manual_seed(3)
+        former = _former_maximise(objective, x, eps, steps, step_size)
+        torch.manual_seed(3)
+        current = PGD(eps=eps, steps=steps, alpha=step_size).maximise(objective, x)
+        assert torch.equal(former, current)
+        if eps > 0:
+            assert not torch.equal(current, x) and (current - x).abs().max() <= eps + 1e-6
+
+
+@pytest.mark.parametrize(("norm", "start"), [("linf", True), ("linf", False), ("l2", True)])
+def test_pgd_call_is_unchanged_by_the_objective_api(setup, norm, start) -> None:
+    model, x, y = setup
+    x, y = x[:16], y[:16]
+    eps = 8 / 255 if norm == "linf" else 0.5
+    attack = PGD(eps=eps, steps=3, norm=norm, random_start=start)
+    torch.manual_seed(5)
+    former = _former_pgd(model, x, y, eps, 3, attack.step_size, norm, start)
+    torch.manual_seed(5)
+    assert torch.equal(attack(model, x, y), former)

@@ -3,8 +3,9 @@
 Conventions follow AutoAttack / torchattacks: ``eps``, ``alpha`` and ``steps`` are explicit, the
 random start draws from torch's global generator (re-seed before an attack to repeat it), and robust
 accuracy over several attacks is the per-example worst case (:class:`WorstCase`). :class:`PGD`'s
-``eot_samples`` averages gradients over draws of a randomised pipeline (EOT); :func:`bpda` makes a
-non-differentiable step pass gradients straight through (BPDA).
+``eot_samples`` averages gradients over draws of a randomised pipeline (EOT), and :meth:`PGD.maximise`
+runs the same iteration on any scalar objective (the inner attack of adversarial training);
+:func:`bpda` makes a non-differentiable step pass gradients straight through (BPDA).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+Objective = Callable[[torch.Tensor], torch.Tensor]
+"""A scalar function of the input that an attack maximises."""
 NormName = Literal["linf", "l2"]
 
 
@@ -45,14 +48,27 @@ def random_start(images: torch.Tensor, eps: float, norm: NormName) -> torch.Tens
     return (images + delta).clamp(0, 1)
 
 
-def input_gradient(model: Predictor, x: torch.Tensor, labels: torch.Tensor, samples: int = 1) -> torch.Tensor:
-    """Gradient of the summed cross-entropy w.r.t. ``x``, averaged over ``samples`` forward draws (EOT)."""
+def objective_gradient(objective: Objective, x: torch.Tensor, samples: int = 1) -> torch.Tensor:
+    """Gradient of the scalar ``objective(x)`` w.r.t. ``x``, averaged over ``samples`` evaluations (EOT)."""
     grad = torch.zeros_like(x)
     for _ in range(samples):
         x_ = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(model(x_), labels, reduction="sum")
-        grad += torch.autograd.grad(loss, x_)[0]
+        grad += torch.autograd.grad(objective(x_), x_)[0]
     return grad / samples
+
+
+def cross_entropy_objective(model: Predictor, labels: torch.Tensor) -> Objective:
+    """The default objective of an attack: the summed cross-entropy of ``model(x)`` against ``labels``."""
+
+    def objective(x: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), labels, reduction="sum")
+
+    return objective
+
+
+def input_gradient(model: Predictor, x: torch.Tensor, labels: torch.Tensor, samples: int = 1) -> torch.Tensor:
+    """Gradient of the summed cross-entropy w.r.t. ``x``, averaged over ``samples`` forward draws (EOT)."""
+    return objective_gradient(cross_entropy_objective(model, labels), x, samples)
 
 
 @dataclass
@@ -87,13 +103,21 @@ class PGD:
         return self.alpha if self.alpha is not None else 2.5 * self.eps / max(1, self.steps)
 
     def __call__(self, model: Predictor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Adversarial ``images`` that maximise the summed cross-entropy of ``model`` against ``labels``."""
+        return self.maximise(cross_entropy_objective(model, labels), images)
+
+    def maximise(self, objective: Objective, images: torch.Tensor) -> torch.Tensor:
+        """Points of the ε-ball around ``images`` (clipped to [0, 1]) that maximise the scalar
+        ``objective(x)``: the attack of :meth:`__call__` for any objective, e.g. the inner problem of
+        adversarial training (only the input receives gradients). Draws the random start from torch's
+        global generator; with ``eot_samples > 1`` the gradient averages that many evaluations."""
         images = images.detach()
         if self.eps == 0 or self.steps == 0:
             return images.clone()
         x = random_start(images, self.eps, self.norm) if self.random_start else images.clone()
         alpha = self.step_size
         for _ in range(self.steps):
-            grad = input_gradient(model, x, labels, self.eot_samples)
+            grad = objective_gradient(objective, x, self.eot_samples)
             if self.norm == "linf":
                 x = x + alpha * grad.sign()
             else:
