@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json
 from vlmdefense.workbench.data import ImageSet, PromptSpec, digit_prompts, load_digits_split
+from vlmdefense.workbench.schedule import warmup_cosine_lr
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +185,6 @@ def _random_translate(images: torch.Tensor, pixels: int, generator: torch.Genera
     for i, (dx, dy) in enumerate(shifts.tolist()):
         out[i] = padded[i, :, dy : dy + size, dx : dx + size]
     return out
-
-
-def warmup_cosine_lr(step: int, total: int, peak: float, warmup_fraction: float) -> float:
-    """Learning rate at ``step`` of ``total``: linear warm-up to ``peak``, then cosine decay to zero."""
-    warmup = max(1, int(warmup_fraction * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
