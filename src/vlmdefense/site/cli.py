@@ -188,6 +188,8 @@ def serve_command(
         server.server_close()
         raise
     host, bound = server.server_address[:2]
+    if isinstance(host, bytes):
+        host = host.decode()
     out.print(f"Serving VLM Defense Atlas at http://{host}:{bound}/ (Ctrl+C to stop)", highlight=False)
     try:
         server.serve_forever()
