@@ -24,7 +24,9 @@ from vlmdefense.catalog.schema import Entry
 from vlmdefense.catalog.validation import load_catalog
 from vlmdefense.cli import app
 from vlmdefense.site import build as site
+from vlmdefense.site import labels, render
 from vlmdefense.site.cli import SiteBuildError, build_site, make_server
+from vlmdefense.site.method import assumptions_table
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -173,10 +175,10 @@ def real_entries() -> list[Entry]:
 
 
 def test_text_escapes_html_and_markdown() -> None:
-    assert site.text("<b>x</b> & y") == "&lt;b&gt;x&lt;/b&gt; &amp; y"
-    assert site.text("a|b *c* [d](e) `f`\n  g") == r"a\|b \*c\* \[d\](e) \`f\` g"
-    assert "<" not in site.nav_title("<script>") and ">" not in site.nav_title("<script>")
-    assert site.fence("x ``` y").startswith("````")
+    assert render.text("<b>x</b> & y") == "&lt;b&gt;x&lt;/b&gt; &amp; y"
+    assert render.text("a|b *c* [d](e) `f`\n  g") == r"a\|b \*c\* \[d\](e) \`f\` g"
+    assert "<" not in render.nav_title("<script>") and ">" not in render.nav_title("<script>")
+    assert render.fence("x ``` y").startswith("````")
 
 
 def test_an_assumption_the_sources_leave_open_shows_as_not_stated() -> None:
@@ -186,10 +188,10 @@ def test_an_assumption_the_sources_leave_open_shows_as_not_stated() -> None:
     data["links"]["arxiv"] = "2401.00001"  # plain YAML reads the id as a number; the catalog's loader keeps text
     data["assumptions"]["needs_labels"] = None
     entry = Entry.model_validate(data)
-    assert "| Needs labelled data | not stated |" in site._assumptions_table(entry)
-    assert "labels?" in site._assumption_tags(entry)
+    assert "| Needs labelled data | not stated |" in assumptions_table(entry)
+    assert "labels?" in labels.assumption_tags(entry)
     data["assumptions"]["needs_labels"] = True
-    assert "labels" in site._assumption_tags(Entry.model_validate(data))
+    assert "labels" in labels.assumption_tags(Entry.model_validate(data))
 
 
 def test_generated_pages_exist_for_every_entry(tmp_path: Path) -> None:
@@ -201,7 +203,7 @@ def test_generated_pages_exist_for_every_entry(tmp_path: Path) -> None:
         page = f"methods/{entry.id}.md"
         assert page in files
         text = (tmp_path / "docs" / page).read_text(encoding="utf-8")
-        assert site.text(entry.name) in text and site.text(entry.title) in text
+        assert render.text(entry.name) in text and render.text(entry.title) in text
         assert "```bibtex" in text
     for info in catalog.taxonomy.paradigms:
         assert f"taxonomy/{info.id.value}/index.md" in files
@@ -253,7 +255,7 @@ def test_broken_internal_link_fails_the_strict_build(tmp_path: Path, monkeypatch
     root = make_root(tmp_path / "root")
     original = site.schema_page
 
-    def with_broken_link(w: site.Writer) -> None:
+    def with_broken_link(w: render.Writer) -> None:
         original(w)
         w.page("broken.md", "Broken", "# Broken\n\n[nowhere](no-such-page.md)")
 
