@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,6 +250,37 @@ def test_catalog_html_renders_as_text(small_site: Path) -> None:
         assert "Ex<i>ample" not in content, built
         assert "<b>bold</b>" not in content, built
     assert (small_site / "methods" / "example" / "smoke" / "index.html").is_file()  # the rendered notebook
+
+
+def test_script_and_ampersand_in_the_catalog_are_escaped_in_generated_html_and_svg(tmp_path: Path) -> None:
+    root = make_root(tmp_path / "root")
+    entry = root / "catalog" / "training-time" / "example.yaml"
+    hostile_name = "<script>alert(1)</script> & Co"
+    entry.write_text(entry.read_text("utf-8").replace('"Ex<i>ample</i> $x$"', json.dumps(hostile_name)), "utf-8")
+    taxonomy = root / "catalog" / "taxonomy.yaml"
+    family = "Adversarial <script>alert(2)</script> & fine-tuning"
+    renamed = taxonomy.read_text("utf-8").replace("name: Adversarial fine-tuning", f"name: {family}")
+    taxonomy.write_text(renamed, "utf-8")
+    docs = tmp_path / "docs"
+    site.generate(root, docs)
+
+    escaped_name = "&lt;script&gt;alert(1)&lt;/script&gt; &amp; Co"
+    sweep = (docs / "assets" / "plots" / "methods" / "example-smoke.svg").read_text("utf-8")
+    assert f">{escaped_name} — smoke profile</text>" in sweep  # the title
+    assert f">{escaped_name}</text>" in sweep  # the legend
+    diagram = (docs / "assets" / "paradigms.svg").read_text("utf-8")
+    assert ">Adversarial &lt;script&gt;alert(2)&lt;/script&gt; &amp; fine-tuning</text>" in diagram
+    for svg in (sweep, diagram):
+        assert "<script>" not in svg and " & " not in svg
+        ET.fromstring(svg)  # well-formed: every & and < of the catalog is an entity
+
+    page = (docs / "methods" / "example.md").read_text("utf-8")
+    subtitle = html.escape(HOSTILE_TITLE, quote=False)
+    assert f'<p class="vlmd-subtitle">{subtitle}</p>' in page  # HTML in Markdown: escaped by the engine
+    assert f"# {escaped_name}" in page  # Markdown text: HTML and Markdown syntax escaped
+    for generated in docs.rglob("*.md"):
+        text = generated.read_text("utf-8")
+        assert "<script>" not in text.split("```bibtex")[0], generated  # a fenced code block shows it as text
 
 
 def test_broken_internal_link_fails_the_strict_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
