@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from vlmdefense.defenses.prompt_learner import ContextInit, PromptLearner, VisualPromptEncoder
-from vlmdefense.defenses.prompt_tuning import APT
-from vlmdefense.defenses.test_time import RTPT, TAPT, marginal_entropy, most_confident, random_views
+from vlmdefense.defenses.test_time_adaptation.r_tpt import RTPT
+from vlmdefense.defenses.test_time_adaptation.tapt import TAPT
+from vlmdefense.defenses.test_time_adaptation.views import (
+    entropy,
+    gather_views,
+    marginal_entropy,
+    most_confident,
+    random_views,
+)
+from vlmdefense.defenses.training_time.apt import APT
 from vlmdefense.workbench import harness
 
 
@@ -83,7 +91,7 @@ def test_apt_fit_predict_static(ctx, batch):
     images, _ = batch
     state = _base_state(ctx)
     defense = APT.from_params({**ctx.params, "backbone": "original", "epochs": 1, "train_batch_size": 128})
-    defense.fit(ctx)
+    findings = defense.fit(ctx.fit_data())
     assert _unchanged(ctx, state)
     assert defense.kind == "static"
     out1 = defense.predict(images)
@@ -93,7 +101,8 @@ def test_apt_fit_predict_static(ctx, batch):
     x = images.clone().requires_grad_(True)
     defense.attack_surface()(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert "loss_curve" in ctx.findings and ctx.findings["context_norm"]["moved"] > 0
+    assert "loss_curve" in findings and findings["context_norm"]["moved"] > 0
+    assert "backbone" not in findings  # backbone: original
 
 
 # ---- R-TPT ---------------------------------------------------------------------------------------------
@@ -103,7 +112,7 @@ def test_rtpt_predict_counts_and_adaptive_surface(ctx, batch):
     images, labels = batch
     state = _base_state(ctx)
     defense = RTPT.from_params(ctx.params)
-    defense.fit(ctx)
+    defense.fit(ctx.fit_data())
     assert defense.randomized and defense.kind == "inference"
     out = defense.predict(images)
     assert out.shape == (6, 10)
@@ -119,7 +128,7 @@ def test_rtpt_predict_counts_and_adaptive_surface(ctx, batch):
 def test_rtpt_step_lowers_the_entropy_and_weights_sum_to_one(ctx, batch):
     images, _ = batch
     defense = RTPT.from_params({"n_views": 6, "neighbours": 2, "selection": 0.5, "lr": 0.05})
-    defense.fit(ctx)
+    defense.fit(ctx.fit_data())
     torch.manual_seed(0)
     out = defense.run(images)
     assert out.weights.shape == (6, 6) and torch.allclose(out.weights.sum(1), torch.ones(6), atol=1e-5)
@@ -127,10 +136,8 @@ def test_rtpt_step_lowers_the_entropy_and_weights_sum_to_one(ctx, batch):
         features = defense.view_features(images)
     torch.manual_seed(1)
     ctx_tuned, selected, before = defense.tune(features)
-    from vlmdefense.defenses.test_time import _gather_views, entropy
-
     with torch.no_grad():
-        after = entropy(_gather_views(defense.view_logits(features, ctx_tuned), selected)).mean(1)
+        after = entropy(gather_views(defense.view_logits(features, ctx_tuned), selected)).mean(1)
     assert (after <= before + 1e-6).float().mean() >= 0.8
 
 
@@ -138,7 +145,7 @@ def test_rtpt_batch_equals_one_by_one(ctx, batch):
     """Tuning a batch at once equals tuning every image alone (summed loss, elementwise AdamW)."""
     images, _ = batch
     defense = RTPT.from_params({"n_views": 4, "neighbours": 2, "selection": 0.5})
-    defense.fit(ctx)
+    defense.fit(ctx.fit_data())
     with torch.no_grad():
         features = defense.view_features(images)
     together, _, _ = defense.tune(features)
@@ -153,7 +160,7 @@ def test_tapt_fit_predict_and_surface(ctx, batch):
     images, labels = batch
     state = _base_state(ctx)
     defense = TAPT.from_params({**ctx.params, "train_batch_size": 128, "lr_tta": 0.05})
-    defense.fit(ctx)
+    defense.fit(ctx.fit_data())
     assert _unchanged(ctx, state)
     assert set(defense.stats) == {"clean", "adversarial"}
     mean, var = defense.stats["clean"]

@@ -8,16 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.defenses.training_free import (
-    TTC,
-    TTE,
-    AntiAdversary,
-    CLIPure,
-    TrainingFreeDefense,
-    TTCConfig,
-    auc,
-    tau_quantiles,
-)
+from vlmdefense.defenses.training_free.anti_adversary import AntiAdversary
+from vlmdefense.defenses.training_free.clipure import CLIPure
+from vlmdefense.defenses.training_free.common import TrainingFreeDefense, auc, tau_quantiles
+from vlmdefense.defenses.training_free.ttc import TTC, TTCConfig
+from vlmdefense.defenses.training_free.tte import TTE
 from vlmdefense.workbench import harness
 
 N = 12
@@ -125,11 +120,7 @@ def test_ttc_counterattack_moves_embedding_away_and_stays_in_ball(
 
 def test_ttc_calibration_records_tau(ctx: harness.Context) -> None:
     ttc = TTC.from_params({**ctx.params, "tau_thres": "calibrate", "tau_quantile": 0.5})
-    findings = dict(ctx.findings)
-    ttc.fit(ctx)
-    record = ctx.findings["tau_clean_train"]
-    ctx.findings.clear()
-    ctx.findings.update(findings)
+    record = ttc.fit(ctx.fit_data())["tau_clean_train"]
     assert ttc.threshold == pytest.approx(record["calibrated_threshold"], abs=1e-5)
     assert 0.3 <= record["fraction_below_threshold"] <= 0.7
     assert list(tau_quantiles(torch.arange(10.0))) == ["q05", "q25", "q50", "q75", "q95"]

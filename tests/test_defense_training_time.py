@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.defenses.training_time import (
-    DEFENSES,
-    FARE,
-    PMGAFT,
-    AdversarialFineTuning,
-    FineTuneConfig,
-    TeCoA,
-    make_defense,
-    maximise,
-)
+from vlmdefense.defenses import create_defense
+from vlmdefense.defenses.registry import defense_class
+from vlmdefense.defenses.training_time.fare import FARE
+from vlmdefense.defenses.training_time.finetuning import AdversarialFineTuning
+from vlmdefense.defenses.training_time.pmg_aft import PMGAFT, PMGAFTConfig
+from vlmdefense.defenses.training_time.tecoa import TeCoA
 from vlmdefense.workbench import harness
+from vlmdefense.workbench.attacks import PGD
+from vlmdefense.workbench.schedule import cosine_lr, warmup_cosine_lr
 
 METHODS = ("tecoa", "pmg-aft", "fare")
 
@@ -36,7 +36,7 @@ def fitted(ctx: harness.Context) -> dict[str, AdversarialFineTuning]:
     before = _snapshot(ctx.clip.model)
     out = {}
     for method in METHODS:
-        defense = make_defense(method, {**ctx.params, "train_limit": 32})
+        defense = create_defense(method, **{**ctx.params, "train_limit": 32})
         harness.fit(ctx, defense)
         out[method] = defense
     after = ctx.clip.model.state_dict()
@@ -52,7 +52,7 @@ def _batch(ctx: harness.Context, n: int = 8) -> dict[str, torch.Tensor]:
 def _start(defense: AdversarialFineTuning, ctx: harness.Context) -> AdversarialFineTuning:
     """The defense at initialisation (the fine-tuned copy equals the original model)."""
     defense.original = ctx.base
-    defense.classifier = defense._tuned_copy(ctx)
+    defense.classifier = defense._tuned_copy(ctx.fit_data())
     defense.train_classes = list(range(len(ctx.prompts.classnames)))
     return defense
 
@@ -65,9 +65,9 @@ def test_from_params_fast_and_overrides() -> None:
     assert custom.config.train_eps == pytest.approx(4 / 255)
     assert (custom.alpha, custom.beta, custom.kl_reduction) == (0.5, 1.0, "sum")
     assert FARE.from_params({}).config.optimizer == "adamw" and TeCoA.from_params({}).config.optimizer == "sgd"
-    assert set(DEFENSES) == set(METHODS)
+    assert all(issubclass(defense_class(method), AdversarialFineTuning) for method in METHODS)
     with pytest.raises(ValueError):
-        PMGAFT(FineTuneConfig(), kl_reduction="mean")
+        PMGAFT(PMGAFTConfig(kl_reduction="mean"))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -110,7 +110,7 @@ def test_inner_attack_raises_its_objective_within_budget(ctx: harness.Context) -
     batch = _batch(ctx)
     torch.manual_seed(0)
     eps = 8 / 255
-    x_adv = maximise(lambda x: defense.attack_objective(batch, x), batch["images"], eps, 3, eps / 2)
+    x_adv = PGD(eps=eps, steps=3, alpha=eps / 2).maximise(lambda x: defense.attack_objective(batch, x), batch["images"])
     assert (x_adv - batch["images"]).abs().max() <= eps + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad():
@@ -161,11 +161,45 @@ def test_fare_fine_tuning_reduces_the_adversarial_distance(ctx: harness.Context)
     def adversarial_distance(defense: FARE) -> float:
         batch = defense.reference({"images": images})
         torch.manual_seed(1)
-        x_adv = maximise(lambda x: defense.attack_objective(batch, x), images, eps, 2, eps)
+        x_adv = PGD(eps=eps, steps=2, alpha=eps).maximise(lambda x: defense.attack_objective(batch, x), images)
         with torch.no_grad():
             return defense.attack_objective(batch, x_adv).item()
 
     before = adversarial_distance(_start(FARE(), ctx))
     defense = FARE.from_params({"epochs": 3, "steps": 1, "train_limit": 64, "train_batch_size": 16})
-    defense.fit(ctx)
+    findings = defense.fit(ctx.fit_data())
+    assert findings["train_images"] == 64 and len(findings["loss_curve"]) == 3
     assert adversarial_distance(defense) < 0.9 * before
+
+
+def _old_warmup_cosine(step: int, total: int, peak: float, warmup_fraction: float) -> float:
+    warmup = max(1, int(warmup_fraction * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _old_dassl(epoch: int, epochs: int, lr: float, warmup_epochs: int, warmup_lr: float) -> float:
+    if epoch < warmup_epochs:
+        return warmup_lr
+    span = max(1, epochs - warmup_epochs)
+    return lr * 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+
+
+def _old_tapt(step: int, total: int, lr: float) -> float:
+    return lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def test_one_schedule_repeats_the_three_former_schedules_exactly() -> None:
+    """The fine-tuning loop's warm-up cosine, APT's per-epoch Dassl schedule and TAPT's per-step cosine
+    are :func:`cosine_lr` with parameters: equal as floats (==), not only approximately."""
+    for total in (1, 2, 3, 7, 10, 33, 150, 1001):
+        for t in range(total + 1):
+            for peak in (1e-3, 0.01, 0.035, 0.1):
+                for fraction in (0.0, 0.1, 0.25):
+                    assert warmup_cosine_lr(t, total, peak, fraction) == _old_warmup_cosine(t, total, peak, fraction)
+                for warmup in (0, 1, 3):
+                    expected = _old_dassl(t, total, peak, warmup, 1e-5)
+                    assert cosine_lr(t, total, peak, warmup=warmup, warmup_lr=1e-5, rounding="angle") == expected
+                assert cosine_lr(t, total, peak, rounding="angle") == _old_tapt(t, total, peak)

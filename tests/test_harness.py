@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ import yaml
 from PIL import Image
 
 from conftest import REPO
-from vlmdefense.defenses.base import Undefended
+from vlmdefense.defenses import create_defense
+from vlmdefense.defenses.base import Defense
+from vlmdefense.defenses.fit_data import FitData
 from vlmdefense.paths import ROOT_ENV, find_root
 from vlmdefense.runs.records import check_result_file
 from vlmdefense.workbench import harness
@@ -60,12 +63,23 @@ def test_local_checkpoint_and_image_folder_through_the_paper_code_path(tmp_path:
     assert len(ctx.sets.test) == 8 and ctx.sets.transfer is None
     assert ctx.prompts.classnames == ("circle", "square")
     assert ctx.train is not None and len(ctx.seen_train) == 4 and set(ctx.seen_train.labels.tolist()) == {0}
-    result = harness.evaluate(ctx, harness.fit(ctx, Undefended(ctx.base)))
+    result = harness.evaluate(ctx, harness.fit(ctx, create_defense("baseline", **ctx.params)))
     assert result.clean is not None and result.clean.transfer is None
     assert [r.attack for r in result.robust] == ["PGD-2", "PGD-2", "worst(PGD-2, APGD-CE-2)"]
     target = root / "reproductions" / "baseline" / "local" / "result.json"
     harness.save_result(result, target)
     assert check_result_file(target, {"baseline"}, {"local"}) == []
+
+    data = ctx.fit_data()  # what a defense fits on: no harness, only the seen classes' training images
+    assert data.base is ctx.base and data.params is ctx.params and data.headline == ctx.headline
+    assert data.train is not None and torch.equal(data.train.labels, ctx.seen_train.labels)
+
+    class Recording(Defense):
+        def fit(self, data: FitData) -> dict[str, Any]:
+            return {"seen_train_images": len(data.seen_train)}
+
+    harness.fit(ctx, Recording())
+    assert ctx.findings["seen_train_images"] == 4, "fit stores the returned findings in ctx.findings"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")

@@ -1,4 +1,9 @@
-"""The interface every defense implements: ``fit`` (may be a no-op) and ``predict`` (may adapt)."""
+"""The interface every defense implements: ``fit`` (may be a no-op) and ``predict`` (may adapt).
+
+A defense never sees the harness: :meth:`Defense.fit` receives a :class:`~vlmdefense.defenses.fit_data.FitData`
+(the frozen base model, the seen-class training images, the evaluation sets, the parameters) and returns
+its findings, which the harness stores in the record.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from vlmdefense.units import parse_epsilon
 from vlmdefense.workbench.evaluation import PassCounter
 
 if TYPE_CHECKING:
+    from vlmdefense.defenses.fit_data import FitData
     from vlmdefense.workbench.evaluation import ZeroShotClassifier
-    from vlmdefense.workbench.harness import Context
     from vlmdefense.workbench.models import LoadedClip
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -37,8 +42,16 @@ class Defense:
     def __init__(self) -> None:
         self.counter = PassCounter()
 
-    def fit(self, ctx: Context) -> None:
-        """Train or calibrate on what the protocol allows (seen classes of the train split)."""
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Defense:
+        """An instance configured by a profile's parameters (``create_defense`` calls it); by default
+        the parameters are not read."""
+        return cls()
+
+    def fit(self, data: FitData) -> dict[str, Any]:
+        """Train or calibrate on what the protocol allows (seen classes of the train split); returns
+        the findings to record (method-specific measurements)."""
+        return {}
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for [0, 1] images."""
@@ -50,26 +63,6 @@ class Defense:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict(images)
-
-
-class Undefended(Defense):
-    """The base model's zero-shot classifier, unchanged (the ``baseline``)."""
-
-    id = "baseline"
-
-    def __init__(self, classifier: Predictor) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        self.counter.forward += len(images)
-        self.counter.images += len(images)
-        return self.classifier(images)
-
-
-def with_training_eps(config: Any, ctx: Context) -> Any:
-    """``config`` with its ``train_eps`` set to the profile's headline ε when it is unset."""
-    return config if config.train_eps is not None else dataclasses.replace(config, train_eps=ctx.headline.value)
 
 
 def override_config(config: Any, params: dict[str, Any]) -> Any:
@@ -150,8 +143,10 @@ class InferenceDefense(ConfiguredDefense):
         """Use ``classifier`` (frozen) as the base model without the rest of ``fit``."""
         self.base = classifier
 
-    def fit(self, ctx: Context) -> None:
-        self.bind(ctx.base)
+    def fit(self, data: FitData) -> dict[str, Any]:
+        """Bind the frozen base classifier; nothing is learned."""
+        self.bind(data.base)
+        return {}
 
     @property
     def clip(self) -> LoadedClip:
@@ -160,5 +155,5 @@ class InferenceDefense(ConfiguredDefense):
 
     def _base(self) -> ZeroShotClassifier:
         if self.base is None:
-            raise RuntimeError(f"{type(self).__name__}: call fit(ctx) (or bind) before predicting")
+            raise RuntimeError(f"{type(self).__name__}: call fit (or bind) before predicting")
         return self.base

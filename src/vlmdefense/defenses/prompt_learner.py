@@ -19,6 +19,8 @@ tokens appended after the class and patch tokens (VPT), replaced at the input of
 (deep VPT), with the input of each block recorded for TAPT's token-statistics alignment. Without
 prompt tokens it reproduces ``model.encode_image``.
 
+:class:`Prompts` holds TAPT's bimodal prompts (text, deep text and visual tensors), shared or per image.
+
 Nothing here modifies the CLIP weights; gradients reach only the prompt tensors passed in.
 """
 
@@ -78,6 +80,11 @@ class PromptLearner(nn.Module):
         ctx_init: the initial context ``(n_ctx, width)`` (a buffer; copy it to start a learnable one).
         tokens: the token ids of the per-class prompts ``(classes, context_length)``.
     """
+
+    ctx_init: torch.Tensor
+    tokens: torch.Tensor
+    token_prefix: torch.Tensor
+    token_suffix: torch.Tensor
 
     def __init__(self, clip: LoadedClip, prompts: PromptSpec, init: ContextInit | None = None) -> None:
         super().__init__()
@@ -310,3 +317,26 @@ class VisualPromptEncoder(nn.Module):
         if v.proj is not None:
             pooled = pooled @ v.proj
         return VisualOutput(F.normalize(pooled, dim=-1) if normalize else pooled, recorded)
+
+
+@dataclass
+class Prompts:
+    """TAPT's bimodal prompts, shared ``(…)`` or per image ``(B, …)``."""
+
+    text: torch.Tensor  # (n_t, d)
+    text_deep: torch.Tensor | None  # (depth_text - 1, n_t, d)
+    vision: torch.Tensor  # (depth_vision, n_v, w)
+
+    def per_image(self, b: int) -> Prompts:
+        """Copies for ``b`` images."""
+        rep = lambda t: None if t is None else t.unsqueeze(0).repeat(b, *([1] * t.dim()))  # noqa: E731
+        return Prompts(rep(self.text), rep(self.text_deep), rep(self.vision))  # type: ignore[arg-type]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors (for optimisers)."""
+        return [t for t in (self.text, self.text_deep, self.vision) if t is not None]
+
+    def detach(self) -> Prompts:
+        """Detached copies."""
+        d = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+        return Prompts(d(self.text), d(self.text_deep), d(self.vision))  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from vlmdefense.defenses.base import Defense
+from vlmdefense.defenses.fit_data import FitData
 from vlmdefense.paths import find_root
 from vlmdefense.runs.profiles import load_profiles, method_parameters
 from vlmdefense.runs.provenance import now_iso
@@ -73,6 +74,20 @@ class Context:
         if self.train is None:
             raise RuntimeError("this profile has no training split: set train_dataset (and n_train) in its parameters")
         return self.train.subset(seen_mask(self.train.labels, self.prompts.seen_classes), "digits-train-seen")
+
+    def fit_data(self) -> FitData:
+        """What a defense may fit on: the frozen base model, the seen-class training images, the
+        evaluation sets (for findings), the headline ε and the parameters."""
+        return FitData(
+            base=self.base,
+            clip=self.clip,
+            prompts=self.prompts,
+            train=self.seen_train if self.train is not None else None,
+            sets=self.sets,
+            headline=self.headline,
+            params=self.params,
+            device=self.device,
+        )
 
 
 def _load_sets(
@@ -160,8 +175,11 @@ def setup(
 
 
 def fit(ctx: Context, defense: Defense) -> Defense:
-    """Fit ``defense`` and record its training time."""
+    """Fit ``defense`` on :meth:`Context.fit_data`, add its findings to ``ctx.findings`` and record
+    its training time."""
+    data = ctx.fit_data()
     start = time.perf_counter()
-    defense.fit(ctx)
+    findings = defense.fit(data)
     ctx.train_seconds = time.perf_counter() - start
+    ctx.findings.update(findings or {})
     return defense

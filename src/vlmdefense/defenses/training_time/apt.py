@@ -11,14 +11,13 @@ replaces the hand-written templates: one forward pass of the image tower, attack
 
 The paper tunes the prompt on top of an adversarially fine-tuned (TeCoA) CLIP, which is also the
 default here (``backbone: tecoa``): a TeCoA copy of the image tower is fine-tuned first on the same
-seen-class images with :class:`~vlmdefense.defenses.training_time.TeCoA`'s defaults, then frozen, and
+seen-class images with :class:`~vlmdefense.defenses.training_time.tecoa.TeCoA`'s defaults, then frozen, and
 the hand-written prompt ensemble on that backbone is the comparison that isolates the prompt's
 effect. ``backbone: original`` tunes the prompt on the undefended small CLIP instead.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,19 +25,28 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.defenses.base import ConfiguredDefense, with_training_eps
+from vlmdefense.defenses.base import ConfiguredDefense
 from vlmdefense.defenses.prompt_learner import ContextInit, PromptLearner
-from vlmdefense.defenses.training_time import TeCoA, maximise
+from vlmdefense.defenses.training_loop import (
+    AdversarialLoop,
+    AdversarialTask,
+    inner_attack,
+    training_classes,
+    training_labels,
+    with_training_eps,
+)
+from vlmdefense.defenses.training_time.tecoa import TeCoA
 from vlmdefense.workbench.evaluation import ZeroShotClassifier
 from vlmdefense.workbench.models import set_seed
+from vlmdefense.workbench.schedule import cosine_lr
 
 if TYPE_CHECKING:
-    from vlmdefense.workbench.harness import Context
+    from vlmdefense.defenses.fit_data import FitData
 
 
 @dataclass
 class APTConfig:
-    """APT's hyperparameters (keys of ``ctx.params`` with the same names override them).
+    """APT's hyperparameters (the profile's parameters of the same names override them).
 
     Official defaults (README example, ``configs/trainers/APT/vit_b32_ep50.yaml``, ``train.py``): 16
     unified context vectors, random N(0, 0.02²) start, class token at the end; SGD (momentum 0.9,
@@ -88,20 +96,13 @@ class APTConfig:
     seed: int = 0
 
 
-def _lr_at(epoch: int, config: APTConfig) -> float:
-    """Dassl's schedule: constant warm-up epochs, then cosine over the remaining epochs (per epoch)."""
-    if epoch < config.warmup_epochs:
-        return config.warmup_lr
-    span = max(1, config.epochs - config.warmup_epochs)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
-
-
 class APT(ConfiguredDefense):
     """Adversarial prompt tuning (Li et al., CVPR 2024): a learned text context on frozen encoders."""
 
     id = "apt"
     kind = "static"
     config_class = APTConfig
+    config: APTConfig
 
     def __init__(self, config: APTConfig | None = None) -> None:
         super().__init__(config)
@@ -118,30 +119,29 @@ class APT(ConfiguredDefense):
 
     # ---- the backbone ------------------------------------------------------------------------------
 
-    def _backbone(self, ctx: Context) -> ZeroShotClassifier:
-        """The frozen classifier whose towers the prompt is tuned on (hand-written prompt ensemble)."""
+    def _backbone(self, data: FitData) -> tuple[ZeroShotClassifier, dict[str, Any]]:
+        """The frozen classifier whose towers the prompt is tuned on (hand-written prompt ensemble),
+        with the findings on the backbone (none for the original model)."""
         c = self.config
         if c.backbone == "original":
-            return ctx.base
+            return data.base, {}
         if c.backbone != "tecoa":
             raise ValueError(f"backbone must be 'tecoa' or 'original', not {c.backbone!r}")
-        params: dict[str, Any] = {"fast": ctx.params.get("fast", False), "seed": c.seed}
+        params: dict[str, Any] = {"fast": data.params.get("fast", False), "seed": c.seed}
         if c.backbone_epochs is not None:
             params["epochs"] = c.backbone_epochs
         tecoa = TeCoA.from_params(params)
-        findings = dict(ctx.findings)
-        tecoa.fit(ctx)
-        backbone_findings = {k: v for k, v in ctx.findings.items() if k not in findings}
-        ctx.findings.clear()
-        ctx.findings.update(findings)
-        ctx.findings["backbone"] = {
-            "method": "tecoa",
-            "hyperparameters": backbone_findings.get("hyperparameters"),
-            "fit_seconds": backbone_findings.get("fit_seconds"),
-            "last_epoch": backbone_findings.get("last_epoch"),
-        }
+        backbone_findings = tecoa.fit(data)
         assert tecoa.classifier is not None
-        return tecoa.classifier
+        findings = {
+            "backbone": {
+                "method": "tecoa",
+                "hyperparameters": backbone_findings.get("hyperparameters"),
+                "fit_seconds": backbone_findings.get("fit_seconds"),
+                "last_epoch": backbone_findings.get("last_epoch"),
+            }
+        }
+        return tecoa.classifier, findings
 
     # ---- training ----------------------------------------------------------------------------------
 
@@ -151,67 +151,45 @@ class APT(ConfiguredDefense):
             raise RuntimeError("APT: call fit first")
         return self.learner(self.ctx if ctx_vectors is None else ctx_vectors)
 
-    def fit(self, ctx: Context) -> None:
-        """Tune the context on adversarial images of the seen classes (``ctx.seen_train`` only)."""
-        c = self.config
+    def fit(self, data: FitData) -> dict[str, Any]:
+        """Tune the context on adversarial images of the seen classes (``data.seen_train`` only)."""
         start = time.perf_counter()
-        c = self.config = with_training_eps(c, ctx)
+        c = self.config = with_training_eps(self.config, data.headline.value)
         assert c.train_eps is not None
         step_size = c.step_size if c.step_size is not None else 2.0 * c.train_eps / 3.0
         set_seed(c.seed)
-        backbone = self._backbone(ctx)
+        backbone, findings = self._backbone(data)
         backbone_seconds = time.perf_counter() - start
         self.backbone_classifier = backbone
         clip = backbone.clip
         init = ContextInit(n_ctx=c.n_ctx, random=True) if c.ctx_init == "random" else ContextInit(template=c.ctx_init)
-        self.learner = PromptLearner(clip, ctx.prompts, init).to(ctx.device)
+        self.learner = PromptLearner(clip, data.prompts, init).to(data.device)
         start_ctx = self.learner.ctx_init.clone()
         if c.csc:
             start_ctx = start_ctx.unsqueeze(0).repeat(self.learner.n_classes, 1, 1)
         context = torch.nn.Parameter(start_ctx)
-        optimizer = torch.optim.SGD([context], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        train = ctx.seen_train
-        classes = list(ctx.prompts.seen_classes) if c.train_text == "seen" else list(range(len(ctx.prompts.classnames)))
-        to_train = torch.full((len(ctx.prompts.classnames),), -1, dtype=torch.long, device=train.labels.device)
-        to_train[classes] = torch.arange(len(classes), device=train.labels.device)
-        scale = backbone.logit_scale
-        generator = torch.Generator().manual_seed(c.seed)
-        n = len(train)
-        per_epoch = math.ceil(n / c.train_batch_size)
-        self.history = []
+        train = data.seen_train
+        classes = training_classes(data.prompts, c.train_text)
+        loop = AdversarialLoop(
+            epochs=c.epochs,
+            batch_size=c.train_batch_size,
+            seed=c.seed,
+            attack=inner_attack(c.train_eps, c.steps, step_size),
+            optimizer=torch.optim.SGD([context], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+            schedule=lambda step, epoch, total: cosine_lr(
+                epoch, c.epochs, c.lr, warmup=c.warmup_epochs, warmup_lr=c.warmup_lr, rounding="angle"
+            ),
+        )
         tune_start = time.perf_counter()
-        for epoch in range(c.epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(epoch, c)
-            order = torch.randperm(n, generator=generator).to(train.images.device)
-            sums = {"loss": 0.0, "train_adv_acc": 0.0}
-            for b in range(per_epoch):
-                index = order[b * c.train_batch_size : (b + 1) * c.train_batch_size]
-                images, labels = train.images[index], to_train[train.labels[index]]
-                with torch.no_grad():
-                    weights = self.learner(context)[classes]
-
-                def objective(x: torch.Tensor, w: torch.Tensor = weights, y: torch.Tensor = labels) -> torch.Tensor:
-                    return F.cross_entropy(scale * backbone.embed(x) @ w.T, y)
-
-                x_adv = maximise(objective, images, c.train_eps, c.steps, step_size)
-                with torch.no_grad():
-                    features = backbone.embed(x_adv)
-                logits = scale * features @ self.learner(context)[classes].T
-                loss = F.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                sums["loss"] += loss.item() * len(index)
-                sums["train_adv_acc"] += 100.0 * (logits.argmax(-1) == labels).float().sum().item()
-            self.history.append({"epoch": epoch + 1, **{k: round(v / n, 4) for k, v in sums.items()}})
+        task = _PromptTask(backbone, self.learner, context, classes)
+        self.history = loop.run(task, train.images, training_labels(train, data.prompts, classes))
         self.ctx = context.detach()
         with torch.no_grad():
             weights = self.learner(self.ctx)
-        self.classifier = ZeroShotClassifier(clip, ctx.prompts, text_weights=weights).to(ctx.device)
+        self.classifier = ZeroShotClassifier(clip, data.prompts, text_weights=weights).to(data.device)
         for parameter in self.classifier.parameters():
             parameter.requires_grad_(False)
-        ctx.findings.update(self.summary(ctx, backbone_seconds, time.perf_counter() - tune_start))
+        return {**findings, **self.summary(data, backbone_seconds, time.perf_counter() - tune_start)}
 
     # ---- inference ---------------------------------------------------------------------------------
 
@@ -224,7 +202,7 @@ class APT(ConfiguredDefense):
 
     # ---- findings ----------------------------------------------------------------------------------
 
-    def summary(self, ctx: Context, backbone_seconds: float, tune_seconds: float) -> dict[str, Any]:
+    def summary(self, data: FitData, backbone_seconds: float, tune_seconds: float) -> dict[str, Any]:
         """Hyperparameters, the loss curve, how far the context moved, and what the learned prompt
         changes in the class embeddings."""
         assert self.learner is not None and self.ctx is not None and self.backbone_classifier is not None
@@ -239,8 +217,8 @@ class APT(ConfiguredDefense):
         return {
             "method": self.id,
             "hyperparameters": self.hyperparameters(),
-            "train_images": len(ctx.seen_train),
-            "train_classes": list(ctx.prompts.seen_classes),
+            "train_images": len(data.seen_train),
+            "train_classes": list(data.prompts.seen_classes),
             "backbone_seconds": round(backbone_seconds, 2),
             "prompt_tuning_seconds": round(tune_seconds, 2),
             "prompt_parameters": int(self.ctx.numel()),
@@ -258,19 +236,51 @@ class APT(ConfiguredDefense):
         }
 
 
-def hand_prompt_robustness(ctx: Context, defense: APT, steps: int | None = None) -> dict[str, Any]:
+PromptBatch = tuple[torch.Tensor, torch.Tensor]
+
+
+class _PromptTask(AdversarialTask[PromptBatch]):
+    """APT in the loop: PGD against the current prompt's zero-shot classifier (on the fly), then the
+    cross-entropy of the perturbed images' zero-shot logits (only the context receives gradients)."""
+
+    def __init__(
+        self, backbone: ZeroShotClassifier, learner: PromptLearner, context: torch.nn.Parameter, classes: list[int]
+    ) -> None:
+        self.backbone = backbone
+        self.learner = learner
+        self.context = context
+        self.classes = classes
+        self.scale = backbone.logit_scale
+
+    def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> PromptBatch:
+        return self.learner(self.context)[self.classes], labels
+
+    def attack_objective(self, state: PromptBatch, x: torch.Tensor) -> torch.Tensor:
+        weights, labels = state
+        return F.cross_entropy(self.scale * self.backbone.embed(x) @ weights.T, labels)
+
+    def training_loss(self, state: PromptBatch, x_adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        _, labels = state
+        with torch.no_grad():
+            features = self.backbone.embed(x_adv)
+        logits = self.scale * features @ self.learner(self.context)[self.classes].T
+        loss = F.cross_entropy(logits, labels)
+        return loss, {"train_adv_acc": 100.0 * (logits.argmax(-1) == labels).float().sum().item()}
+
+
+def hand_prompt_robustness(data: FitData, defense: APT, steps: int | None = None) -> dict[str, Any]:
     """Clean and PGD accuracy (at the headline ε, the profile's sweep steps) of the *same backbone*
     with the hand-written prompt ensemble and with the learned prompt: the prompt's own contribution."""
     from vlmdefense.workbench.attacks import PGD
     from vlmdefense.workbench.evaluation import clean_accuracy, robust_accuracy
 
     assert defense.backbone_classifier is not None
-    steps = int(ctx.params["sweep_attack"]["steps"]) if steps is None else steps
-    attack = PGD(eps=ctx.headline.value, steps=steps)
-    out: dict[str, Any] = {"eps": ctx.headline.display, "attack": attack.name}
+    steps = data.sweep_steps if steps is None else steps
+    attack = PGD(eps=data.headline.value, steps=steps)
+    out: dict[str, Any] = {"eps": data.headline.display, "attack": attack.name}
     for name, predictor in (("hand_prompts", defense.backbone_classifier), ("learned_prompt", defense.predict)):
-        clean = clean_accuracy(predictor, ctx.sets, ctx.params["batch_size"])
-        set_seed(int(ctx.params.get("seed", 0)))
-        robust, _ = robust_accuracy(predictor, predictor, attack, ctx.sets, ctx.params["batch_size"])
+        clean = clean_accuracy(predictor, data.sets, data.params["batch_size"])
+        set_seed(data.seed)
+        robust, _ = robust_accuracy(predictor, predictor, attack, data.sets, data.params["batch_size"])
         out[name] = {"clean": clean.as_dict(), "robust": robust.as_dict()}
     return out

@@ -1,0 +1,1 @@
+"""Training-free defenses: the frozen base classifier wrapped at inference, nothing learned."""

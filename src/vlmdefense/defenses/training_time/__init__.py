@@ -1,0 +1,1 @@
+"""Training-time defenses: the model (or a prompt) is trained adversarially before deployment."""
