@@ -31,11 +31,13 @@ $(CHROMIUM):
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
 test: setup chromium
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks docs
 	$(VENV)/bin/ruff format --check src tests benchmarks docs
+	$(VENV)/bin/mypy
 
 validate: setup
 	$(VENV)/bin/vlmdefense validate

@@ -1,13 +1,28 @@
-"""Shared fixtures: a small valid catalog written to a temporary folder."""
+"""Shared fixtures: a small valid catalog written to a temporary folder, and one temporary cache for the
+whole test run (the tests never read or write the user's ``~/.cache/vlmdefense``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CACHE_ENV = "VLMDEFENSE_CACHE"
+_CACHE = tempfile.TemporaryDirectory(prefix="vlmdefense-test-cache-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point the library (and every notebook kernel the tests start) at the run's own cache."""
+    os.environ[CACHE_ENV] = _CACHE.name
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the run's cache."""
+    _CACHE.cleanup()
 
 VALID_ENTRY = """\
 id: {id}

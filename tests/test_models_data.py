@@ -135,3 +135,12 @@ def test_torchvision_datasets_are_never_downloaded(tmp_path: Path) -> None:
         load_image_folder(tmp_path / "nothing", 16)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_torchvision_dataset("imagenet-x", tmp_path, 16)
+
+
+def test_the_suite_uses_its_own_cache_not_the_users() -> None:
+    import os
+
+    from vlmdefense.workbench.models import cache_dir
+
+    assert cache_dir() == Path(os.environ["VLMDEFENSE_CACHE"])
+    assert Path.home() / ".cache" not in cache_dir().parents

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from vlmdefense.catalog.schema import Entry, Paradigm, Taxonomy
 from vlmdefense.catalog.yaml_source import Loc, YamlDocument, load_yaml_mapping
@@ -99,7 +100,7 @@ def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
     return list(current.model_fields) if current is not None else []
 
 
-def _message(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _message(error: ErrorDetails, model: type[BaseModel]) -> str:
     kind = error["type"]
     loc = tuple(error["loc"])
     if kind == "missing":

@@ -70,7 +70,7 @@ class _StrictSafeLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
@@ -85,8 +85,9 @@ def _record_lines(node: yaml.Node, loc: Loc, doc: YamlDocument) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
-            doc.lines[(*loc, key)] = key_node.start_mark.line + 1
-            _record_lines(value_node, (*loc, key), doc)
+            child: Loc = (*loc, key)
+            doc.lines[child] = key_node.start_mark.line + 1
+            _record_lines(value_node, child, doc)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _record_lines(item, (*loc, index), doc)
@@ -127,7 +128,7 @@ def load_yaml_mapping(path: Path) -> YamlDocument:
         raise ProblemsError([Problem(shown, 1, "-", f"invalid YAML: {exc}")]) from exc
     finally:
         loader.dispose()
-    if data is None:
+    if data is None or node is None:
         raise ProblemsError([Problem(shown, 1, "-", "file is empty: expected a YAML mapping")])
     if not isinstance(data, dict):
         kind = "a list" if isinstance(data, list) else f"a {type(data).__name__}"

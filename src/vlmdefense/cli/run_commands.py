@@ -27,7 +27,7 @@ def run(
 ) -> None:
     """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/."""
     from vlmdefense.runs.profiles import load_profiles, parse_overrides
-    from vlmdefense.runs.runner import run_many
+    from vlmdefense.runs.runner import RunOutcome, run_many
     from vlmdefense.runs.staleness import available_methods
 
     root = repo_root()
@@ -48,7 +48,7 @@ def run(
 
             fail(unknown_id_message(method, known).replace("in the catalog", "with a notebook"))
 
-    def report(outcome) -> None:
+    def report(outcome: RunOutcome) -> None:
         style = {"ran": "green", "skipped": "dim", "failed": "bold red"}[outcome.state]
         extra = f" — {outcome.message}" if outcome.message else ""
         out.print(

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from vlmdefense.catalog.yaml_source import load_yaml_mapping
-from vlmdefense.problems import ProblemsError
+from vlmdefense.problems import Problem, ProblemsError, display_path
 
 PROFILES_FILE = Path("reproductions") / "profiles.yaml"
 
@@ -43,8 +43,7 @@ def load_profiles(root: Path) -> dict[str, dict[str, Any]]:
     return resolved
 
 
-def _problem(path: Path, line: int, field: str, message: str):
-    from vlmdefense.problems import Problem, display_path
+def _problem(path: Path, line: int, field: str, message: str) -> Problem:
 
     return Problem(display_path(path), line, field, message)
 

@@ -88,7 +88,7 @@ def _interleave_by_class(labels: np.ndarray, seed: int) -> np.ndarray:
     """An order in which every prefix is close to class-balanced (for fast subsets)."""
     rng = np.random.default_rng(seed)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    order = []
+    order: list[int] = []
     for i in range(max(len(p) for p in per_class)):
         order.extend(int(p[i]) for p in per_class if i < len(p))
     return np.asarray(order)

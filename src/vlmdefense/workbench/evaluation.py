@@ -14,8 +14,8 @@ from torch import nn
 from tqdm import tqdm
 
 from vlmdefense.runs.records import Accuracy
+from vlmdefense.workbench.clip import LoadedClip
 from vlmdefense.workbench.data import ImageSet, PromptSpec, seen_mask
-from vlmdefense.workbench.models import LoadedClip
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class ZeroShotClassifier(nn.Module):
         self.model = clip.model  # registered, so .parameters() and .to() reach the CLIP weights
         self.prompts = prompts
         weights = text_weights if text_weights is not None else text_classifier_weights(clip, prompts)
+        self.text_weights: torch.Tensor
         self.register_buffer("text_weights", weights.detach())
         self.logit_scale = float(clip.model.logit_scale.exp().item())
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json
+from vlmdefense.workbench.clip import LoadedClip
 from vlmdefense.workbench.data import ImageSet, PromptSpec, digit_prompts, load_digits_split
 from vlmdefense.workbench.schedule import warmup_cosine_lr
 
@@ -73,35 +74,6 @@ def small_clip_config() -> dict[str, Any]:
     """The registered open_clip config of the small CLIP."""
     text = files("vlmdefense").joinpath(f"{CONFIG_DIR}/{SMALL_CLIP}.json").read_text(encoding="utf-8")
     return json.loads(text)
-
-
-@dataclass
-class LoadedClip:
-    """A CLIP model with its tokenizer and the normalisation its image tower expects."""
-
-    name: str
-    pretrained: str
-    model: open_clip.CLIP
-    tokenizer: Any
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: int
-    device: str
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] pixels → the model's input space."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        return (images - mean) / std
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit-norm image embeddings of [0, 1] images."""
-        return F.normalize(self.model.encode_image(self.normalize(images)), dim=-1)
-
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        """Unit-norm text embeddings."""
-        tokens = self.tokenizer(texts).to(self.device)
-        return F.normalize(self.model.encode_text(tokens), dim=-1)
 
 
 def load_clip(name: str, pretrained: str | Path | None = None, device: str | None = None) -> LoadedClip:

@@ -11,7 +11,7 @@ from vlmdefense.runs.records import RobustEntry
 from vlmdefense.units import Epsilon
 from vlmdefense.workbench.attacks import WorstCase, make_attack
 from vlmdefense.workbench.context import Context
-from vlmdefense.workbench.evaluation import robust_accuracy
+from vlmdefense.workbench.evaluation import Predictor, robust_accuracy
 from vlmdefense.workbench.models import set_seed
 
 AttackFactory = Callable[[int], Any]
@@ -22,7 +22,13 @@ def _measure(
 ) -> RobustEntry:
     """One robust-accuracy row: ``defense`` predicts on images crafted against ``target``."""
     adaptive = target == "defended-pipeline"
-    attacked = {"base-model": ctx.base, "defended-model": defense.predict}.get(target) or defense.attack_surface()
+    attacked: Predictor
+    if target == "base-model":
+        attacked = ctx.base
+    elif target == "defended-model":
+        attacked = defense.predict
+    else:
+        attacked = defense.attack_surface()
     attack = make(eot if adaptive else 1)  # the base model and a static defense are deterministic: no EOT
     name = getattr(attack, "name", type(attack).__name__)
     set_seed(int(ctx.params.get("seed", 0)))
