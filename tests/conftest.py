@@ -24,6 +24,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """Remove the run's cache."""
     _CACHE.cleanup()
 
+
 VALID_ENTRY = """\
 id: {id}
 name: Example

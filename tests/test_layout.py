@@ -98,4 +98,3 @@ def test_every_module_says_what_it_is_for() -> None:
         if p.name != "__main__.py" and not ast.get_docstring(ast.parse(p.read_text(encoding="utf-8")))
     ]
     assert missing == []
-
