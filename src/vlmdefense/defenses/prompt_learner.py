@@ -37,7 +37,9 @@ from vlmdefense.workbench.models import LoadedClip
 
 
 def _resblocks(transformer: nn.Module) -> list[nn.Module]:
-    return list(transformer.resblocks)
+    blocks = transformer.resblocks
+    assert isinstance(blocks, nn.Sequential | nn.ModuleList), type(blocks)
+    return list(blocks)
 
 
 def _run_block(block: nn.Module, x: torch.Tensor, batch_first: bool, attn_mask: torch.Tensor | None) -> torch.Tensor:

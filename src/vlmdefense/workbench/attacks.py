@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -213,12 +213,12 @@ class WorstCase:
 
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, fn: Predictor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, fn: Predictor) -> torch.Tensor:
         with torch.no_grad():
             return fn(x)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad_output, None
 
 

@@ -94,6 +94,7 @@ def _load_sets(
     params: dict[str, Any], image_size: int, root: Path
 ) -> tuple[ImageSet | None, ImageSet, ImageSet | None, PromptSpec]:
     dataset = params["dataset"]
+    train: ImageSet | None
     if dataset == "sklearn-digits":
         train, test = load_digits_split(image_size, seed=params.get("split_seed", 0))
         transfer = load_mnist_transfer(image_size) if params.get("transfer") == "mnist-5k" else None
@@ -152,8 +153,11 @@ def setup(
     clip = load_clip(model["name"], model.get("pretrained"), device=device)
     card = small_clip_card() if model["name"] == SMALL_CLIP and model.get("pretrained") is None else None
     train, test, transfer, prompts = _load_sets(params, clip.image_size, root)
-    to = lambda s: s if s is None else ImageSet(s.name, s.images.to(device), s.labels.to(device), s.classnames)  # noqa: E731
-    sets = EvalSets(to(test), to(transfer), prompts.seen_classes)
+
+    def to(s: ImageSet) -> ImageSet:
+        return ImageSet(s.name, s.images.to(device), s.labels.to(device), s.classnames)
+
+    sets = EvalSets(to(test), to(transfer) if transfer else None, prompts.seen_classes)
     base = ZeroShotClassifier(clip, prompts).to(device)
     for parameter in base.parameters():
         parameter.requires_grad_(False)
@@ -165,7 +169,7 @@ def setup(
         device,
         clip,
         prompts,
-        to(train),
+        to(train) if train else None,
         sets,
         base,
         started,

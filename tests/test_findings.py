@@ -1,0 +1,51 @@
+"""Every number a notebook's Findings section states comes from the result record: the section is a code cell
+that renders Markdown from ``result`` and ``baseline`` alone, and it renders from the committed records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import REPO
+from vlmdefense.runs.records import read_result, result_path
+from vlmdefense.runs.staleness import available_methods
+from vlmdefense.workbench import prose
+
+HEADING = "## Findings"
+METHODS = [m for m in available_methods(REPO) if m != "baseline"]
+
+
+def findings_cells(notebook: Path) -> tuple[list[str], list[str]]:
+    """(code cells that render the Findings, Markdown cells that state them by hand)."""
+    nb = nbformat.read(str(notebook), as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code" and HEADING in c.source]
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown" and c.source.lstrip().startswith(HEADING)]
+    return code, markdown
+
+
+def render(source: str, monkeypatch: pytest.MonkeyPatch, method: str) -> str:
+    shown: list[str] = []
+    monkeypatch.setattr(prose, "show", shown.append)
+    namespace = {
+        "result": read_result(result_path(REPO, method, "smoke")),
+        "baseline": read_result(result_path(REPO, "baseline", "smoke")),
+    }
+    exec(compile(source, f"notebooks/{method}.ipynb (Findings)", "exec"), namespace)
+    return "\n".join(shown)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_findings_are_rendered_from_the_record(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, markdown = findings_cells(REPO / "notebooks" / f"{method}.ipynb")
+    assert markdown == [], "Findings stated by hand in Markdown: render them from the record (workbench.prose)"
+    assert len(code) == 1
+    text = render(code[0], monkeypatch, method)
+    assert text.lstrip().startswith(HEADING)
+    assert "n/a" not in text, "a look-up found no number in the committed smoke record"
+
+
+def test_the_template_shows_the_pattern() -> None:
+    code, markdown = findings_cells(REPO / "notebooks" / "_template.ipynb")
+    assert markdown == [] and len(code) == 1 and "Numbers(result)" in code[0]
