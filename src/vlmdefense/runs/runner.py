@@ -36,6 +36,7 @@ from vlmdefense.runs.staleness import (
     run_inputs,
     run_state,
 )
+from vlmdefense.workbench.progress import PROGRESS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,12 @@ def run_one(
         # place until then, so an interrupted run loses nothing. A fresh record differs from it (its
         # provenance carries the start time and duration).
         previous = result_file.read_bytes() if result_file.is_file() else None
-        env_backup = os.environ.get("VLMDEFENSE_COMMAND")
-        os.environ["VLMDEFENSE_COMMAND"] = f"vlmdefense run {method} --profile {profile}"
+        batch_env = {
+            "VLMDEFENSE_COMMAND": f"vlmdefense run {method} --profile {profile}",
+            PROGRESS_ENV: "0",  # a batch run: no progress bars in the executed notebook, which is a page to read
+        }
+        env_backup = {name: os.environ.get(name) for name in batch_env}
+        os.environ.update(batch_env)
         try:
             papermill.execute_notebook(
                 str(source),
@@ -160,10 +165,11 @@ def run_one(
             )
             return RunOutcome(method, profile, "failed", seconds, message)
         finally:
-            if env_backup is None:
-                os.environ.pop("VLMDEFENSE_COMMAND", None)
-            else:
-                os.environ["VLMDEFENSE_COMMAND"] = env_backup
+            for name, value in env_backup.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         shutil.move(str(scratch_nb), executed)
         _relative_metadata(executed, root, source)
         atomic_write_json(result_file, record)

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from vlmdefense.runs.records import Accuracy
 from vlmdefense.workbench.clip import LoadedClip
 from vlmdefense.workbench.data import ImageSet, PromptSpec, seen_mask
+from vlmdefense.workbench.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,8 @@ def robust_correct(
     """Which images ``predict`` still classifies correctly after ``attack`` crafted them against
     ``attack_target`` (the base model for a non-adaptive attack, the defended pipeline for an adaptive one)."""
     out = []
-    for start in tqdm(range(0, len(data), batch_size), desc=desc, leave=False, disable=len(data) <= batch_size):
+    batches = range(0, len(data), batch_size)
+    for start in progress_bar(batches, desc=desc, disable=len(data) <= batch_size):
         x = data.images[start : start + batch_size]
         y = data.labels[start : start + batch_size]
         adversarial = attack(attack_target, x, y)

@@ -25,11 +25,11 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json
 from vlmdefense.workbench.clip import LoadedClip
 from vlmdefense.workbench.data import ImageSet, PromptSpec, digit_prompts, load_digits_split
+from vlmdefense.workbench.progress import progress_bar
 from vlmdefense.workbench.schedule import warmup_cosine_lr
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def train_small_clip(
     start = time.perf_counter()
     model.train()
     step = 0
-    bar = tqdm(total=total, desc="train small CLIP", disable=not progress, leave=False)
+    bar = progress_bar(total=total, desc="train small CLIP", disable=not progress)
     for _ in range(recipe.epochs):
         order = torch.randperm(n, generator=generator)
         for b in range(steps_per_epoch):
