@@ -25,7 +25,8 @@ Text = Annotated[str, Field(min_length=1)]
 
 
 class StrictModel(BaseModel):
-    """Base: unknown fields are errors, strings are stripped, no silent type coercion of bools."""
+    """Base: unknown fields are errors, strings are stripped; booleans and numbers are declared ``strict``
+    (``"yes"``, ``1`` or ``"2024"`` are type errors, not silently coerced)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
 
@@ -80,21 +81,25 @@ class Links(StrictModel):
 class Assumptions(StrictModel):
     """What the defense needs and changes; the last three flags decide how it must be evaluated."""
 
-    modifies_weights: bool = Field(description="the model's weights are changed")
+    modifies_weights: bool = Field(strict=True, description="the model's weights are changed")
     needs_labels: bool | None = Field(
-        description="labelled data is needed (for training or adaptation); null when the sources do not say"
+        strict=True,
+        description="labelled data is needed (for training or adaptation); null when the sources do not say",
     )
     training_data: str = Field(description="what data trains it ('none' for training-free)")
-    test_time_gradients: bool = Field(description="gradients are computed at inference")
+    test_time_gradients: bool = Field(strict=True, description="gradients are computed at inference")
     needs_clean_reference: bool | None = Field(
+        strict=True,
         description="needs clean data or the original model's clean outputs as a reference; null when the sources "
-        "do not say"
+        "do not say",
     )
-    needs_text_encoder: bool = Field(True, description="uses the text encoder (class prompts)")
-    randomized: bool = Field(description="the prediction is random (noise, augmentations)")
-    inference_time_optimization: bool = Field(description="optimises something (input, prompt, weights) per test input")
+    needs_text_encoder: bool = Field(True, strict=True, description="uses the text encoder (class prompts)")
+    randomized: bool = Field(strict=True, description="the prediction is random (noise, augmentations)")
+    inference_time_optimization: bool = Field(
+        strict=True, description="optimises something (input, prompt, weights) per test input"
+    )
     non_differentiable: bool = Field(
-        description="contains a non-differentiable step (e.g. JPEG, quantisation, diffusion sampling)"
+        strict=True, description="contains a non-differentiable step (e.g. JPEG, quantisation, diffusion sampling)"
     )
 
     @property
@@ -108,9 +113,9 @@ class Cost(StrictModel):
 
     training: str = Field(description="what is trained and how much, as the paper states it")
     inference: str = Field(description="extra work per image at inference")
-    extra_forward_passes: float | None = Field(None, ge=0, description="per image, at inference")
-    extra_backward_passes: float | None = Field(None, ge=0, description="per image, at inference")
-    relative_latency: float | None = Field(None, gt=0, description="inference time ÷ undefended")
+    extra_forward_passes: float | None = Field(None, ge=0, strict=True, description="per image, at inference")
+    extra_backward_passes: float | None = Field(None, ge=0, strict=True, description="per image, at inference")
+    relative_latency: float | None = Field(None, gt=0, strict=True, description="inference time ÷ undefended")
     level: CostLevel
 
 
@@ -126,6 +131,7 @@ class ThreatModel(StrictModel):
     )
     adaptive_attacks_evaluated: bool = Field(
         False,
+        strict=True,
         description=(
             "for defenses that act at inference: the paper attacks the whole defended pipeline (an adaptive "
             "attack); a white-box attack on a fine-tuned model is the standard evaluation and leaves this false"
@@ -149,9 +155,9 @@ class Reported(StrictModel):
     attack: Text = Field(description="attack and steps, e.g. 'PGD-100'")
     norm: Norm = Norm.LINF
     eps: EpsilonField
-    samples: int | None = Field(None, gt=0, description="test images per dataset, if stated")
-    clean: Percent | None = None
-    robust: Percent | None = None
+    samples: int | None = Field(None, gt=0, strict=True, description="test images per dataset, if stated")
+    clean: Percent | None = Field(None, strict=True)
+    robust: Percent | None = Field(None, strict=True)
     source: Text = Field(description="table or figure of the paper, e.g. 'Table 1'")
 
     @model_validator(mode="after")
@@ -182,7 +188,7 @@ class Entry(StrictModel):
     name: Text = Field(description="short name or acronym, e.g. TeCoA")
     title: Text = Field(description="the paper's title as published")
     authors: list[Text] = Field(min_length=1, description="as listed in the paper")
-    year: int = Field(ge=2015, le=2100)
+    year: int = Field(ge=2015, le=2100, strict=True)
     venue: Text = Field(description="as published, e.g. 'ICLR 2023'; 'arXiv' when unpublished")
     links: Links
     paradigm: Paradigm
