@@ -1,0 +1,105 @@
+"""Scale-out through submitit: real local jobs on the quick profile, a killed job, resuming, and the Slurm
+parameters a submission would carry (no cluster here: the sbatch script is rendered, not submitted)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from conftest import REPO
+from vlmdefense.runs.executors import ClusterOptions, Job, make_executor, resume_jobs, run_jobs
+from vlmdefense.runs.records import RESULT_FILE
+from vlmdefense.runs.staleness import RunState, output_dir, run_state
+from vlmdefense.runs.submissions import latest_submission
+
+pytestmark = pytest.mark.slow
+
+
+def make_repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    (root / "reproductions").mkdir()
+    for name in ("baseline", "tecoa"):
+        shutil.copy(REPO / "notebooks" / f"{name}.ipynb", root / "notebooks")
+    shutil.copy(REPO / "reproductions" / "profiles.yaml", root / "reproductions")
+    shutil.copytree(REPO / "catalog", root / "catalog")
+    return root
+
+
+def killer_notebook(path: Path) -> None:
+    """A notebook whose kernel kills the job process that runs it (as an OOM killer or a preemption would)."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile = "quick"\noverrides = {}\nresult_path = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+def test_local_jobs_run_side_by_side_and_land_ok(tmp_path: Path) -> None:
+    root = make_repo(tmp_path)
+    jobs = [Job("baseline", "quick"), Job("tecoa", "quick")]
+    outcomes, submission = run_jobs(root, jobs, "local", ClusterOptions(parallel=2), tmp_path / "logs")
+    assert [o.state for o in outcomes] == ["ran", "ran"], [o.message for o in outcomes]
+    assert all(run_state(root, j.method, "quick") is RunState.OK for j in jobs)
+    latest = latest_submission(tmp_path / "logs")
+    assert latest is not None and latest.id == submission.id
+    assert [j.state for j in latest.jobs] == ["ran", "ran"] and all(j.job_id and j.log for j in latest.jobs)
+
+
+def test_a_killed_job_keeps_the_previous_result_and_a_resume_reruns_only_it(tmp_path: Path) -> None:
+    root = make_repo(tmp_path)
+    logs = tmp_path / "logs"
+    first, _ = run_jobs(root, [Job("baseline", "quick")], "local", ClusterOptions(), logs)
+    assert first[0].state == "ran"
+    record = output_dir(root, "baseline", "quick") / RESULT_FILE
+    before = record.read_bytes()
+    killer_notebook(root / "notebooks" / "baseline.ipynb")
+    jobs = [Job("baseline", "quick", force=True), Job("tecoa", "quick")]
+    outcomes, _ = run_jobs(root, jobs, "local", ClusterOptions(parallel=2), logs)
+    assert [o.state for o in outcomes] == ["failed", "ran"]
+    assert "log:" in outcomes[0].message
+    assert record.read_bytes() == before, "a job that died must leave the previous result untouched"
+    shutil.copy(REPO / "notebooks" / "baseline.ipynb", root / "notebooks" / "baseline.ipynb")
+    resumed = resume_jobs(root, logs)
+    assert [(j.method, j.force) for j in resumed] == [("baseline", True)]
+    outcomes, _ = run_jobs(root, resumed, "local", ClusterOptions(), logs)
+    assert [o.state for o in outcomes] == ["ran"] and record.read_bytes() != before
+
+
+def test_slurm_jobs_carry_the_requested_resources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    # submitit looks for `srun` before it builds a Slurm executor; a stand-in that is never run lets the
+    # job script be rendered here, where no cluster exists.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    options = ClusterOptions.from_sources(
+        {"partition": "gpu", "cpus": 8, "gpus": 1, "time_min": 120, "parallel": 4}, mem_gb=32, account="robust"
+    )
+    executor = make_executor("slurm", tmp_path / "logs", options)
+    parameters = dict(executor._executor.parameters)
+    script = _make_sbatch_string(command="python -m submitit", folder=str(tmp_path / "logs"), **parameters)
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --time=120",
+        "#SBATCH --mem=32GB",
+        "#SBATCH --account=robust",
+    ):
+        assert line in script, line
+    assert parameters["array_parallelism"] == 4
+
+
+def test_unknown_executor_options_are_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown option.*gpu_count"):
+        ClusterOptions.from_sources({"gpu_count": 2})
