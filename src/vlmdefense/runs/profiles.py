@@ -59,9 +59,14 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Profile sections that configure how runs are executed rather than what a notebook computes.
+NOT_PARAMETERS = ("methods", "executor")
+
+
 def method_parameters(profile: dict[str, Any], method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The parameters a method's notebook runs with: profile, then ``methods.<method>``, then overrides."""
-    params = {k: v for k, v in profile.items() if k != "methods"}
+    """The parameters a method's notebook runs with: profile, then ``methods.<method>``, then overrides
+    (the profile's ``executor`` section says where jobs run, not what they compute: it is left out)."""
+    params = {k: v for k, v in profile.items() if k not in NOT_PARAMETERS}
     params = deep_merge(params, (profile.get("methods") or {}).get(method, {}))
     return deep_merge(params, overrides or {})
 
