@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test lint validate schema clean chromium
+.PHONY: setup demo test lint validate schema clean chromium mutation
 
 setup: $(STAMP)
 
@@ -44,6 +44,16 @@ validate: setup
 
 schema: setup
 	$(VENV)/bin/vlmdefense schema --write
+
+# Mutation testing (on demand, not in CI): mutmut over the modules that compute numbers ([tool.mutmut] in
+# pyproject.toml), with the fast tests that pin them, in a scratch copy of the committed tree so mutants never
+# touch this one. About 20 minutes on two cores; the small CLIP is trained once into .cache/mutation-model.
+MUTATION_DIR ?= .cache/mutation-tree
+mutation: setup
+	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
+	git archive HEAD | tar -x -C $(MUTATION_DIR)
+	cd $(MUTATION_DIR) && PYTHONPATH=tests VLMDEFENSE_MUTATION_CACHE=$(CURDIR)/.cache/mutation-model \
+		$(CURDIR)/$(VENV)/bin/mutmut run; cd $(MUTATION_DIR) && $(CURDIR)/$(VENV)/bin/mutmut results
 
 clean:
 	rm -rf $(VENV) site .pytest_cache

@@ -1,0 +1,376 @@
+"""Invariants of the evaluation and of the record's headline, on synthetic models, attacks and rows.
+
+- correctness does not depend on the batch size; split accuracies are exact percentages whose seen and
+  unseen parts average to the whole;
+- robust accuracy under an attack that can only fool is never above clean, and at ε = 0 equals clean;
+- the robustness rows: one white-box row per ε for a static defense, a non-adaptive (base model, no EOT) and
+  an adaptive (defended pipeline, EOT when randomised) row for an inference-time defense, the worst case over
+  all attacks at the headline ε;
+- the headline is the minimum over every row at the headline ε, separately for non-adaptive and adaptive rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from vlmdefense.defenses.base import Defense
+from vlmdefense.runs.records import Accuracy, RobustEntry
+from vlmdefense.units import Epsilon
+from vlmdefense.workbench import harness
+from vlmdefense.workbench import robustness as robustness_module
+from vlmdefense.workbench.attacks import APGD, PGD, WorstCase
+from vlmdefense.workbench.data import ImageSet
+from vlmdefense.workbench.evaluation import (
+    EvalSets,
+    accuracy,
+    batched_correct,
+    clean_accuracy,
+    robust_accuracy,
+    robust_correct,
+    split_accuracy,
+    time_inference,
+)
+
+FAST = settings(max_examples=25, deadline=None)
+CLASSES = 4
+SHAPE = (3, 4, 4)
+SEEN = (0, 1)
+
+
+def linear_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, CLASSES))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def image_set(seed: int, n: int, name: str = "test") -> ImageSet:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, *SHAPE, generator=generator)
+    labels = torch.randint(0, CLASSES, (n,), generator=generator)
+    return ImageSet(name, images, labels, tuple(str(i) for i in range(CLASSES)))
+
+
+def sets_for(seed: int, n: int, transfer: int = 5) -> EvalSets:
+    return EvalSets(image_set(seed, n), image_set(seed + 1, transfer, "transfer") if transfer else None, SEEN)
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), n=st.integers(0, 20), batch=st.integers(1, 25))
+def test_correctness_does_not_depend_on_the_batch_size(seed: int, n: int, batch: int) -> None:
+    model = linear_model(seed % 5)
+    data = image_set(seed, n)
+    got = batched_correct(model, data.images, data.labels, batch)
+    with torch.no_grad():
+        expected = model(data.images).argmax(dim=-1) == data.labels if n else torch.zeros(0, dtype=torch.bool)
+    assert got.dtype == torch.bool and torch.equal(got, expected)
+    if n:
+        assert accuracy(model(data.images), data.labels) == pytest.approx(100.0 * float(expected.float().mean()))
+    else:
+        assert accuracy(torch.zeros(0, CLASSES), data.labels) != accuracy(torch.zeros(0, CLASSES), data.labels)
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, CLASSES - 1), st.booleans()), min_size=1, max_size=30))
+def test_split_accuracy_is_exact_and_its_parts_average_to_the_whole(rows: list[tuple[int, bool]]) -> None:
+    labels = torch.tensor([label for label, _ in rows])
+    correct = torch.tensor([ok for _, ok in rows])
+    acc = split_accuracy(correct, labels, SEEN, correct[:3])
+
+    def pct(values: list[bool]) -> float | None:
+        return round(100.0 * sum(values) / len(values), 2) if values else None
+
+    seen = [ok for label, ok in rows if label in SEEN]
+    unseen = [ok for label, ok in rows if label not in SEEN]
+    assert acc.all == pct([ok for _, ok in rows])
+    assert (acc.seen, acc.unseen, acc.transfer) == (pct(seen), pct(unseen), pct([ok for _, ok in rows[:3]]))
+    parts = sum(v * len(part) for v, part in ((acc.seen, seen), (acc.unseen, unseen)) if v is not None)
+    assert acc.all == pytest.approx(parts / len(rows), abs=0.01)
+    assert split_accuracy(correct, labels, SEEN).transfer is None
+
+
+def fool_some(every: int) -> Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An attack that replaces every ``every``-th image of a batch by a fixed image: it can only fool."""
+
+    def attack(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[::every] = 0.5
+        return out
+
+    return attack
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 16), batch=st.integers(1, 20), every=st.integers(1, 4))
+def test_robust_accuracy_counts_what_the_defense_predicts_on_the_attack(
+    seed: int, n: int, batch: int, every: int
+) -> None:
+    model = linear_model(seed % 5)
+    sets = sets_for(seed, n)
+    attack = fool_some(every)
+    got = robust_correct(model, model, attack, sets.test, batch)
+    expected = []
+    for start in range(0, n, batch):
+        x, y = sets.test.images[start : start + batch], sets.test.labels[start : start + batch]
+        expected.append(model(attack(model, x, y)).argmax(dim=-1) == y)
+    assert torch.equal(got, torch.cat(expected))
+    robust, seconds = robust_accuracy(model, model, attack, sets, batch)
+    assert robust == split_accuracy(
+        got, sets.test.labels, SEEN, robust_correct(model, model, attack, sets.transfer, batch)
+    )
+    assert seconds >= 0
+    # the defense predicts, the attack differentiates its target: they are not swapped
+    other = linear_model(seed % 5 + 100)
+    seen_targets: list[Any] = []
+
+    def spy(target: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen_targets.append(target)
+        return x
+
+    robust, _ = robust_accuracy(model, other, spy, sets, batch)
+    assert seen_targets and all(t is other for t in seen_targets)
+    assert robust == clean_accuracy(model, sets, batch)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 12), norm=st.sampled_from(["linf", "l2"]))
+def test_accuracy_at_eps_zero_equals_clean(seed: int, n: int, norm: str) -> None:
+    model = linear_model(seed % 5)
+    sets = sets_for(seed, n)
+    clean = clean_accuracy(model, sets, 4)
+    attacks = [PGD(eps=0.0, steps=3, norm=norm), APGD(eps=0.0, steps=3, norm=norm)]  # type: ignore[arg-type]
+    for attack in [*attacks, WorstCase(attacks)]:
+        robust, _ = robust_accuracy(model, model, attack, sets, 4)
+        assert robust == clean
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), eps=st.sampled_from([4 / 255, 0.1, 0.5]))
+def test_an_attack_never_raises_accuracy_above_clean_on_a_linear_model(seed: int, eps: float) -> None:
+    """On a linear model the cross-entropy's gradient sign points away from the label: PGD cannot help."""
+    model = linear_model(seed % 5)
+    sets = sets_for(seed, 12)
+    clean = clean_accuracy(model, sets, 5)
+    torch.manual_seed(seed)
+    robust, _ = robust_accuracy(model, model, PGD(eps=eps, steps=5, random_start=False), sets, 5)
+    for field in ("all", "seen", "unseen", "transfer"):
+        before, after = getattr(clean, field), getattr(robust, field)
+        if before is not None:
+            assert after <= before
+
+
+def test_time_inference_counts_per_image() -> None:
+    model = linear_model(0)
+    images = image_set(0, 7).images
+    timing = time_inference(model, images, batch_size=3)
+    assert (timing.forward_passes, timing.backward_passes) == (1.0, 0.0) and timing.seconds_per_image >= 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The robustness rows, with robust_accuracy replaced by a recorder.
+
+
+class FakeDefense(Defense):
+    """A defense whose kind and randomness the test chooses; predict and the attack surface are distinct."""
+
+    def __init__(self, kind: str, randomized: bool) -> None:
+        super().__init__()
+        self.kind = kind  # type: ignore[misc]
+        self.randomized = randomized  # type: ignore[misc]
+        self.surface = linear_model(2)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)[:, :CLASSES]
+
+    def attack_surface(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.surface
+
+
+def fake_context(attacks: list[dict[str, Any]], eps: list[str], headline: str, eot: int = 4) -> SimpleNamespace:
+    params = {
+        "sweep_attack": {"name": "pgd", "steps": 3},
+        "attacks": attacks,
+        "eps": eps,
+        "headline_eps": headline,
+        "seed": 7,
+        "batch_size": 8,
+        "eot_samples": eot,
+    }
+    return SimpleNamespace(
+        params=params,
+        eps=[Epsilon.parse(e) for e in eps],
+        headline=Epsilon.parse(headline),
+        base=linear_model(1),
+        sets=sets_for(0, 4),
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "randomized"), [("static", False), ("static", True), ("inference", False), ("inference", True)]
+)
+def test_robustness_rows_attack_the_right_target_with_the_right_attack(
+    monkeypatch: pytest.MonkeyPatch, kind: str, randomized: bool
+) -> None:
+    calls: list[tuple[Any, Any, Any]] = []
+
+    def recorder(predict: Any, target: Any, attack: Any, sets: Any, batch_size: int, desc: str) -> Any:
+        assert batch_size == 8 and sets is ctx.sets and desc
+        calls.append((predict, target, attack))
+        return Accuracy(all=float(len(calls)), seen=None), 0.123
+
+    monkeypatch.setattr(robustness_module, "robust_accuracy", recorder)
+    attacks = [{"name": "pgd", "steps": 3}, {"name": "apgd", "steps": 5, "norm": "linf"}]
+    ctx = fake_context(attacks, ["1/255", "4/255"], "4/255")
+    defense = FakeDefense(kind, randomized)
+    rows = robustness_module.robustness(ctx, defense)  # type: ignore[arg-type]
+
+    targets = ["defended-model"] if kind == "static" else ["base-model", "defended-pipeline"]
+    per_setting = len(targets)
+    assert len(rows) == 3 * per_setting == len(calls)
+    expected_eps = [e for e in ("1/255", "4/255", "4/255") for _ in targets]
+    assert [r.eps.display for r in rows] == expected_eps
+    assert [r.target for r in rows] == targets * 3
+    assert [r.acc.all for r in rows] == [float(i) for i in range(1, len(rows) + 1)]
+    eot = 4 if (kind == "inference" and randomized) else 1
+    for row, (predict, target, attack) in zip(rows, calls, strict=True):
+        assert predict == defense.predict  # the defense always predicts
+        assert row.adaptive == (row.target == "defended-pipeline")
+        expected_target = {
+            "defended-model": defense.predict,
+            "base-model": ctx.base,
+            "defended-pipeline": defense.surface,
+        }[row.target]
+        assert target == expected_target
+        members = attack.attacks if isinstance(attack, WorstCase) else [attack]
+        assert all(m.eps == row.eps.value for m in members)
+        assert all(m.eot_samples == (eot if row.adaptive else 1) for m in members)
+        assert row.seconds == 0.12 and row.norm == "linf"
+    sweep, worst = rows[: 2 * per_setting], rows[2 * per_setting :]
+    assert all(r.attack.startswith("PGD-3") and r.steps == 3 for r in sweep)
+    suffix = f"+EOT-{eot}" if eot > 1 else ""
+    for row in worst:
+        expected = "worst(PGD-3, APGD-CE-5)" if not row.adaptive else f"worst(PGD-3{suffix}, APGD-CE-5{suffix})"
+        assert row.attack == expected and row.steps == 5
+
+
+def test_robustness_adds_no_worst_case_row_when_the_sweep_attack_is_the_only_attack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(robustness_module, "robust_accuracy", lambda *a, **k: (Accuracy(all=50.0), 0.0))
+    ctx = fake_context([{"name": "pgd", "steps": 3}], ["1/255", "8/255"], "8/255")
+    rows = robustness_module.robustness(ctx, FakeDefense("static", False))  # type: ignore[arg-type]
+    assert [(r.eps.display, r.attack) for r in rows] == [("1/255", "PGD-3"), ("8/255", "PGD-3")]
+    ctx = fake_context([{"name": "apgd", "steps": 2}], ["8/255"], "8/255")
+    rows = robustness_module.robustness(ctx, FakeDefense("static", False))  # type: ignore[arg-type]
+    assert [r.attack for r in rows] == ["PGD-3", "APGD-CE-2"]
+
+
+def test_each_row_reseeds_so_attacks_are_repeatable(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws: list[float] = []
+
+    def recorder(*args: Any, **kwargs: Any) -> Any:
+        draws.append(float(torch.rand(1)))
+        return Accuracy(all=1.0), 0.0
+
+    monkeypatch.setattr(robustness_module, "robust_accuracy", recorder)
+    ctx = fake_context([{"name": "pgd", "steps": 3}], ["1/255", "2/255"], "2/255")
+    robustness_module.robustness(ctx, FakeDefense("inference", True))  # type: ignore[arg-type]
+    torch.manual_seed(7)
+    assert draws == [float(torch.rand(1))] * 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The headline of harness.evaluate, on synthetic rows.
+
+EPS_CHOICES = ["1/255", "4/255", "8/255"]
+row_strategy = st.builds(
+    lambda eps, adaptive, value: RobustEntry(
+        attack="synthetic",
+        eps=Epsilon.parse(eps),
+        steps=1,
+        adaptive=adaptive,
+        target="defended-pipeline" if adaptive else "base-model",
+        acc=Accuracy(all=value),
+    ),
+    st.sampled_from(EPS_CHOICES),
+    st.booleans(),
+    st.one_of(st.none(), st.floats(0, 100, allow_nan=False).map(lambda v: round(v, 3))),
+)
+
+
+def evaluate_with_rows(monkeypatch: pytest.MonkeyPatch, rows: list[RobustEntry], headline: str, clean: float) -> Any:
+    """``harness.evaluate`` on a context whose measurements are given: clean accuracy and the robust rows."""
+    from vlmdefense.runs.records import Provenance
+    from vlmdefense.workbench.evaluation import Timing
+
+    monkeypatch.setattr(harness, "clean_accuracy", lambda *a, **k: Accuracy(all=clean))
+    monkeypatch.setattr(harness, "robustness", lambda ctx, defense: list(rows))
+    monkeypatch.setattr(harness, "time_inference", lambda *a, **k: Timing(0.001, 1.0, 0.0))
+    monkeypatch.setattr(harness, "_reported", lambda method, root: [])
+    monkeypatch.setattr(
+        harness,
+        "provenance",
+        lambda *a, **k: Provenance(
+            git_commit=None, dirty=None, versions={}, device="cpu", seed=0, started="now", duration_seconds=0.0
+        ),
+    )
+    prompts = SimpleNamespace(
+        seen_classes=SEEN, as_dict=lambda: {"classnames": ["a"], "templates": ["{name}"], "seen_classes": [0]}
+    )
+    ctx = SimpleNamespace(
+        method="synthetic",
+        profile="quick",
+        params={"batch_size": 4, "model": {"name": "m", "pretrained": None}, "seed": 0},
+        sets=sets_for(0, 3),
+        headline=Epsilon.parse(headline),
+        clip=SimpleNamespace(pretrained=None),
+        model_card=None,
+        prompts=prompts,
+        train_seconds=0.0,
+        findings={},
+        root=Path("."),
+        device="cpu",
+        started="now",
+        start_time=0.0,
+    )
+    return harness.evaluate(ctx, FakeDefense("inference", False))  # type: ignore[arg-type]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(row_strategy, max_size=8), headline=st.sampled_from(EPS_CHOICES), clean=st.floats(0, 100))
+def test_the_headline_is_the_minimum_over_every_row_at_its_eps(
+    rows: list[RobustEntry], headline: str, clean: float
+) -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        result = evaluate_with_rows(monkeypatch, rows, headline, clean)
+    value = Epsilon.parse(headline).value
+    for adaptive, got in ((False, result.headline.robust), (True, result.headline.robust_adaptive)):
+        at = [r.acc.all for r in rows if r.eps.value == value and r.adaptive == adaptive and r.acc.all is not None]
+        assert got == (round(min(at), 2) if at else None)
+        assert got == (None if not at else round(result.worst_robust(value, adaptive), 2))
+        assert all(got is not None and got <= a + 0.005 for a in at)  # never above any row at the headline ε
+    assert result.headline.eps == Epsilon.parse(headline) and result.headline.clean == clean
+    assert result.robust == rows and result.clean == Accuracy(all=clean)
+
+
+def test_the_headline_ignores_rows_at_other_eps_and_the_other_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    def row(eps: str, adaptive: bool, value: float) -> RobustEntry:
+        return RobustEntry(
+            attack="a", eps=Epsilon.parse(eps), steps=1, adaptive=adaptive, target="t", acc=Accuracy(all=value)
+        )
+
+    rows = [row("8/255", False, 40.0), row("8/255", False, 30.0), row("8/255", True, 20.0), row("4/255", False, 5.0)]
+    result = evaluate_with_rows(monkeypatch, rows, "8/255", 90.0)
+    assert (result.headline.robust, result.headline.robust_adaptive, result.headline.clean) == (30.0, 20.0, 90.0)
+    result = evaluate_with_rows(monkeypatch, rows[:2], "8/255", 90.0)
+    assert (result.headline.robust, result.headline.robust_adaptive) == (30.0, None)
