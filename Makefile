@@ -9,13 +9,20 @@ export PYTHONHASHSEED := 0
 
 .PHONY: setup demo test lint validate schema clean chromium mutation
 
-setup: $(STAMP)
+KERNEL := $(VENV)/share/jupyter/kernels/vlmdefense/kernel.json
+
+setup: $(STAMP) $(KERNEL)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[site,scale,dev]"
+	$(PY) -m pip install --quiet -e ".[site,scale,dev,jupyter]"
 	@touch $(STAMP)
+
+# The project's Jupyter kernel, installed inside .venv (nothing lands in the user's home): the runner executes
+# notebooks on it and `vlmdefense open` opens scratch copies with it.
+$(KERNEL): $(STAMP)
+	$(PY) -m ipykernel install --sys-prefix --name vlmdefense --display-name "VLM Defense Atlas (.venv)"
 
 # The main job: check the catalog, run every smoke reproduction that is not up to date (a failed one is
 # reported and the rest go on), build the site and serve it on localhost.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 from vlmdefense.cli import app
+from vlmdefense.runs.jupyter import runner_kernel
 from vlmdefense.runs.profiles import deep_merge, load_profiles, method_parameters, parse_overrides
 from vlmdefense.runs.records import check_result_file, read_result
-from vlmdefense.runs.runner import run_many, run_one
+from vlmdefense.runs.runner import check_results, result_files, run_many, run_one
 from vlmdefense.runs.staleness import RunState, available_methods, run_state
+from vlmdefense.runs.variants import variant_slug
 
 
 def make_repo(tmp_path: Path) -> Path:
@@ -64,7 +67,8 @@ def test_run_writes_a_valid_result_with_provenance(repo: Path) -> None:
 def test_up_to_date_runs_are_skipped_and_changes_make_them_stale(repo: Path) -> None:
     assert run_state(repo, "baseline", "quick") is RunState.OK
     assert run_one(repo, "baseline", "quick", progress=False).state == "skipped"
-    assert run_state(repo, "baseline", "quick", {"n_test": 20}) is RunState.STALE
+    assert run_state(repo, "baseline", "quick", {"n_test": 20}) is RunState.MISSING, "a variant not run yet"
+    assert run_state(repo, "baseline", "quick", {"n_test": 20}, canonical=True) is RunState.STALE
     assert run_state(repo, "baseline", "smoke") is RunState.MISSING
 
 
@@ -177,3 +181,88 @@ def test_run_outputs_do_not_make_the_checkout_dirty(tmp_path: Path) -> None:
     assert git_state(root) == (commit, False), "a rewritten result is an output, not an input"
     (root / "reproductions" / "profiles.yaml").write_text("smoke: {n_test: 1}\n")
     assert git_state(root) == (commit, True), "the profiles are an input"
+
+
+def test_a_run_with_overrides_is_a_variant_beside_the_canonical_record(tmp_path: Path, repo: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(repo, root)
+    canonical = root / "reproductions/baseline/quick"
+    before = {name: (canonical / name).read_bytes() for name in ("result.json", "baseline.ipynb")}
+    outcome = run_one(root, "baseline", "quick", {"n_test": 20}, force=True, progress=False)
+    assert outcome.state == "ran", outcome.message
+    assert outcome.variant is not None and re.fullmatch(r"n_test=20-[0-9a-f]{6}", outcome.variant)
+    assert {name: (canonical / name).read_bytes() for name in before} == before, "the canonical record is untouched"
+    folder = canonical / "variants" / outcome.variant
+    assert sorted(p.name for p in folder.iterdir()) == ["baseline.ipynb", "result.json", "variant.json"]
+    result = read_result_anywhere(folder / "result.json")
+    assert result["parameters"]["n_test"] == 20 and result["dataset"]["test_images"] == 20
+    assert (
+        result["run"]["executed_notebook"] == f"reproductions/baseline/quick/variants/{outcome.variant}/baseline.ipynb"
+    )
+    assert result["provenance"]["command"] == "vlmdefense run baseline --profile quick -p n_test=20"
+    executed = nbformat.read(str(folder / "baseline.ipynb"), as_version=4)
+    assert executed.metadata.language_info.name == "python", "Jupyter opens it without asking for a kernel"
+    kernel = runner_kernel() or "of the notebook"
+    assert result["run"]["runner"].endswith(f"kernel {kernel}")
+    assert executed.metadata.kernelspec.name == (runner_kernel() or "python3")
+    assert run_state(root, "baseline", "quick") is RunState.OK, "the canonical state ignores variants"
+    assert run_state(root, "baseline", "quick", {"n_test": 20}) is RunState.OK
+    assert run_one(root, "baseline", "quick", {"n_test": 20}, progress=False).state == "skipped"
+    assert run_one(root, "baseline", "quick", progress=False).state == "skipped", "never takes the variant for it"
+    assert check_results(root, {"baseline"}) == [], "validate accepts a variant in its place"
+    assert len(result_files(root)) == 2 and result_files(root, variants=False) == [canonical / "result.json"]
+
+    runner = CliRunner()
+    rows = json.loads(runner.invoke(app, ["status", "-f", "json"], env={"VLMDEFENSE_ROOT": str(root)}).stdout)
+    variants = [r for r in rows if r["variant"]]
+    assert variants == [
+        {
+            "method": "baseline",
+            "profile": "quick",
+            "state": "ok",
+            "changed": [],
+            "variant": outcome.variant,
+            "overrides": {"n_test": 20},
+        }
+    ]
+    assert {(r["profile"], r["state"]) for r in rows if r["variant"] is None} >= {("quick", "ok")}
+    table = runner.invoke(app, ["status"], env={"VLMDEFENSE_ROOT": str(root)}).stdout
+    assert table.index("variants") > table.index("reproductions") and "-p n_test=20" in table
+
+
+def test_a_misplaced_variant_is_reported_and_kept_apart(tmp_path: Path, repo: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(repo, root)
+    folder = root / "reproductions/baseline/smoke/variants/n_test=20-000000"
+    folder.mkdir(parents=True)
+    shutil.copy(root / "reproductions/baseline/quick/result.json", folder / "result.json")
+    messages = [p.message for p in check_results(root, {"baseline"})]
+    assert messages == ["variant belongs in reproductions/baseline/quick/variants/n_test=20-000000/"]
+    (folder / "result.json").unlink()
+    shutil.move(str(folder), root / "reproductions/baseline/quick/variants/n_test=20-000000")
+    shutil.copy(
+        root / "reproductions/baseline/quick/result.json",
+        root / "reproductions/baseline/quick/variants/n_test=20-000000/result.json",
+    )
+    messages = [p.message for p in check_results(root, {"baseline"})]
+    assert len(messages) == 1 and "variant.json" in messages[0]
+
+
+def test_variant_slugs_are_readable_safe_and_stable() -> None:
+    assert variant_slug({"epochs": 5}).startswith("epochs=5-")
+    slug = variant_slug({"model": {"pretrained": "/ckpt/a b.pt"}, "eps": ["4/255", "8/255"]})
+    assert slug.startswith("eps=4_255+8_255,model.pretrained=_ckpt_a_b.pt-") and "/" not in slug and " " not in slug
+    assert variant_slug({"b": 1, "a": 2}) == variant_slug({"a": 2, "b": 1})
+    assert variant_slug({"n": 1}) != variant_slug({"n": "1"}), "the hash tells values that render alike apart"
+    assert len(variant_slug({"x": "y" * 500})) <= 70
+    with pytest.raises(ValueError):
+        variant_slug({})
+
+
+def read_result_anywhere(path: Path) -> dict:
+    """A result record, validated by its schema wherever it lies."""
+    from vlmdefense.runs.records import Result
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    Result.model_validate(data)
+    return data

@@ -24,11 +24,17 @@ def run(
         list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (YAML value); repeatable.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Rerun even when up to date.")] = False,
+    canonical: Annotated[
+        bool,
+        typer.Option("--canonical", help="Record a run with overrides as the profile's record, not as a variant."),
+    ] = False,
 ) -> None:
-    """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/."""
+    """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/; a run with overrides
+    (-p) is a variant and lands in reproductions/ID/PROFILE/variants/SLUG/, beside the canonical record."""
     from vlmdefense.runs.profiles import load_profiles, parse_overrides
     from vlmdefense.runs.runner import RunOutcome, run_many
     from vlmdefense.runs.staleness import available_methods
+    from vlmdefense.runs.variants import record_dir
 
     root = repo_root()
     if all_ == bool(method_ids):
@@ -51,12 +57,19 @@ def run(
     def report(outcome: RunOutcome) -> None:
         style = {"ran": "green", "skipped": "dim", "failed": "bold red"}[outcome.state]
         extra = f" — {outcome.message}" if outcome.message else ""
+        where = f", variant {outcome.variant}" if outcome.variant else ""
         out.print(
-            f"[{style}]{outcome.state:>7}[/] {outcome.method} ({outcome.profile}, {outcome.seconds:.0f} s){extra}",
+            f"[{style}]{outcome.state:>7}[/] {outcome.method} ({outcome.profile}{where}, {outcome.seconds:.0f} s)"
+            f"{extra}",
             highlight=False,
         )
+        if outcome.variant:
+            folder = record_dir(root, outcome.method, outcome.profile, overrides)
+            out.print(f"        in {folder.relative_to(root)}/ (the canonical record is untouched)", highlight=False)
 
-    outcomes = run_many(root, methods, profile, overrides, force, on_done=report, progress=sys.stderr.isatty())
+    outcomes = run_many(
+        root, methods, profile, overrides, force, on_done=report, progress=sys.stderr.isatty(), canonical=canonical
+    )
     counts = {state: sum(o.state == state for o in outcomes) for state in ("ran", "skipped", "failed")}
     total = sum(o.seconds for o in outcomes)
     out.print(
@@ -71,37 +84,52 @@ def run(
 def status(
     profile: Annotated[list[str] | None, typer.Option("--profile", help="Profiles to show (default: all).")] = None,
     format_: Annotated[
-        OutputFormat, typer.Option("--format", "-f", help="table, json (one object per method × profile) or csv.")
+        OutputFormat,
+        typer.Option("--format", "-f", help="table, json (one object per method × profile, then per variant) or csv."),
     ] = OutputFormat.table,
 ) -> None:
-    """Show every method × profile as ok / stale / failed / missing; a stale result names the inputs that
-    changed (notebook, parameters, code, version)."""
+    """Show every method × profile as ok / stale / failed / missing (a stale result names the inputs that
+    changed: notebook, parameters, code, version), then every variant (a run with overrides) apart."""
     from vlmdefense.runs.profiles import load_profiles
-    from vlmdefense.runs.staleness import available_methods, state_report
+    from vlmdefense.runs.staleness import available_methods, state_report, variant_reports
 
     root = repo_root()
     names = profile or list(load_profiles(root))
     reports = [state_report(root, method, name) for method in available_methods(root) for name in names]
+    variants = variant_reports(root, names)
     if format_ is OutputFormat.json:
-        sys.stdout.write(json.dumps([r.as_dict() for r in reports], indent=2) + "\n")
+        sys.stdout.write(json.dumps([r.as_dict() for r in reports + variants], indent=2) + "\n")
         return
     if format_ is OutputFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["method", "profile", "state", "changed"])
-        writer.writerows([r.method, r.profile, r.state.value, " ".join(r.changed)] for r in reports)
+        writer.writerow(["method", "profile", "state", "changed", "variant"])
+        writer.writerows([r.method, r.profile, r.state.value, " ".join(r.changed), r.variant or ""] for r in reports)
+        writer.writerows([r.method, r.profile, r.state.value, " ".join(r.changed), r.variant] for r in variants)
         return
     colours = {"ok": "green", "stale": "yellow", "failed": "red", "missing": "dim"}
+
+    def shown(state: str, changed: list[str]) -> str:
+        why = f" ({', '.join(changed)})" if changed else ""
+        return f"[{colours[state]}]{state}[/]{why}"
+
     table = Table(title="reproductions")
     table.add_column("method")
     for name in names:
         table.add_column(name)
     for method in available_methods(root):
-        cells = []
-        for r in (r for r in reports if r.method == method):
-            why = f" ({', '.join(r.changed)})" if r.changed else ""
-            cells.append(f"[{colours[r.state.value]}]{r.state.value}[/]{why}")
-        table.add_row(method, *cells)
+        table.add_row(method, *[shown(r.state.value, r.changed) for r in reports if r.method == method])
     out.print(table)
+    if variants:
+        from vlmdefense.runs.variants import override_args
+
+        extra = Table(title="variants (runs with overrides, under reproductions/ID/PROFILE/variants/; not on the site)")
+        for column in ("method", "profile", "variant", "overrides", "state"):
+            extra.add_column(column)
+        for r in variants:
+            extra.add_row(
+                r.method, r.profile, r.variant, override_args(r.overrides or {}), shown(r.state.value, r.changed)
+            )
+        out.print(extra)
 
 
 @app.command()

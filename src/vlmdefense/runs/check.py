@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmdefense.runs.records import RESULT_FILE
+from vlmdefense.runs.variants import record_dir
 
 
 @dataclass
@@ -92,13 +93,14 @@ def check_method(
         steps.append(Step("notebook", None, "not run: fix the entry first"))
     else:
         outcome = run_one(root, Path(notebook).stem, profile, overrides, progress=progress)
-        result = root / "reproductions" / Path(notebook).stem / profile / RESULT_FILE
+        result = record_dir(root, Path(notebook).stem, profile, overrides) / RESULT_FILE
         detail = {"ran": f"ran in {outcome.seconds:.0f} s", "skipped": "up to date"}.get(outcome.state, outcome.message)
+        where = f", variant {outcome.variant}" if outcome.variant else ""
         steps.append(
             Step(
                 "notebook",
                 outcome.state != "failed",
-                f"{profile}: {detail}",
+                f"{profile}{where}: {detail}",
                 [] if outcome.state != "failed" else [f"see {result.parent / (Path(notebook).stem + '.ipynb')}"],
             )
         )
