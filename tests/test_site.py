@@ -240,6 +240,34 @@ def test_results_pages_with_and_without_results(tmp_path: Path) -> None:
     assert "No test-time or training-free method has a smoke result yet." in results
 
 
+def test_method_pages_show_the_commands_and_ignore_variants(tmp_path: Path) -> None:
+    root = make_root(tmp_path / "root")
+    canonical = root / "reproductions" / "example" / "smoke"
+    variant = canonical / "variants" / "epochs=5-3f2a1c"
+    variant.mkdir(parents=True)
+    record = json.loads((canonical / "result.json").read_text(encoding="utf-8"))
+    record["clean"]["all"] = record["headline"]["clean"] = 11.0
+    (variant / "result.json").write_text(json.dumps(record), encoding="utf-8")
+    shutil.copy(canonical / "example.ipynb", variant / "example.ipynb")
+    (root / "catalog" / "training-time" / "example.yaml").write_text(
+        (root / "catalog" / "training-time" / "example.yaml").read_text("utf-8")
+        + "reproduction:\n  notebook: notebooks/example.ipynb\n  status: reproduced\n",
+        "utf-8",
+    )
+    (root / "notebooks").mkdir()
+    shutil.copy(canonical / "example.ipynb", root / "notebooks" / "example.ipynb")
+    generated = site.generate(root, tmp_path / "docs")
+    page = (tmp_path / "docs" / "methods" / "example.md").read_text(encoding="utf-8")
+    box = page.split('!!! tip "Rerun it, open it, check a change"', 1)[1].split("\n\n", 2)[:2]
+    commands = box[1]
+    for line in ("vlmdefense run example", "vlmdefense open example", "vlmdefense check example"):
+        assert f"    {line} " in commands
+    assert "| **smoke** | 8/255 | 97.0 |" in page and "11.0" not in page, "the canonical numbers, not the variant's"
+    assert not [f for f in generated.files if "variants" in f or "epochs" in f]
+    quiet = (tmp_path / "docs" / "methods" / "quiet.md").read_text(encoding="utf-8")
+    assert "vlmdefense run" not in quiet, "no commands for a method without a notebook"
+
+
 def test_catalog_html_renders_as_text(small_site: Path) -> None:
     page = (small_site / "methods" / "example" / "index.html").read_text(encoding="utf-8")
     assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in page

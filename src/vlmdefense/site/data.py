@@ -88,7 +88,8 @@ def site_profiles(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def collect(root: Path, catalog_dir: Path | None = None) -> SiteData:
-    """Load the catalog and every result record and executed notebook under ``root``.
+    """Load the catalog and every canonical result record and executed notebook under ``root``
+    (``reproductions/<method>/<profile>/``; variants under ``.../variants/`` are experiments, never shown).
 
     Raises:
         SiteError: the catalog holds a problem, or a result file is invalid.

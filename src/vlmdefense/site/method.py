@@ -1,9 +1,11 @@
 """The method pages: card, summary, assumptions and cost, evaluation flags, the paper's numbers, ours beside
-them (with an ε sweep per profile), related methods, sources and BibTeX; and copies of executed notebooks."""
+them (with an ε sweep per profile and the commands that rerun, open and check the notebook), related methods,
+sources and BibTeX; and copies of executed notebooks (canonical records only: variants stay off the site)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlmdefense.catalog.bibtex import bibtex
@@ -108,6 +110,7 @@ def render_method(entry: Entry, data: SiteData, w: Writer) -> str:
         family_name=family.name if family else entry.family,
         paper_links=paper_links(entry),
         notebooks=list(data.notebooks.get(entry.id, {})),
+        run_id=Path(entry.reproduction.notebook).stem if entry.reproduction.notebook else None,
         assumptions=assumption_rows(entry),
         flag_rows=[(labels.ASSUMPTION_LABELS[key][0], getattr(entry.assumptions, key)) for key in labels.FLAGS],
         flags=labels.flags(entry),
