@@ -171,3 +171,17 @@ def test_open_serves_the_scratch_copy_on_localhost_until_stopped(tmp_path: Path)
             log.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5)
+
+
+def test_open_refuses_unknown_methods_profiles_and_overrides_before_starting_anything(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vlmdefense.cli import app
+
+    root = make_repo(tmp_path)
+    env = {"VLMDEFENSE_ROOT": str(root)}
+    runner = CliRunner()
+    assert runner.invoke(app, ["open", "nope", "--no-browser"], env=env).exit_code == 1
+    assert runner.invoke(app, ["open", "baseline", "--profile", "nope", "--no-browser"], env=env).exit_code == 2
+    assert runner.invoke(app, ["open", "baseline", "-p", "novalue", "--no-browser"], env=env).exit_code == 2
+    assert not (root / "scratch").exists(), "nothing written on a refused call"
