@@ -103,3 +103,22 @@ def test_slurm_jobs_carry_the_requested_resources(tmp_path: Path, monkeypatch: p
 def test_unknown_executor_options_are_named() -> None:
     with pytest.raises(ValueError, match=r"unknown option.*gpu_count"):
         ClusterOptions.from_sources({"gpu_count": 2})
+
+
+def test_cli_submits_local_jobs_and_status_shows_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vlmdefense.cli import app
+
+    root = make_repo(tmp_path)
+    env = {"VLMDEFENSE_ROOT": str(root), "COLUMNS": "200"}
+    result = CliRunner().invoke(app, ["run", "baseline", "--profile", "quick", "--executor", "local"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "1 ran" in result.output and "logs/jobs/" in result.output
+    status = CliRunner().invoke(app, ["status", "--profile", "quick"], env=env)
+    assert status.exit_code == 0, status.output
+    assert "last submission (local" in status.output and "ran" in status.output
+    resumed = CliRunner().invoke(app, ["run", "--resume", "--executor", "local"], env=env)
+    assert resumed.exit_code == 0 and "nothing to resume" in resumed.output, resumed.output
+    bad = CliRunner().invoke(app, ["run", "baseline", "--executor", "cloud"], env=env)
+    assert bad.exit_code == 2 and "unknown executor" in bad.output

@@ -6,13 +6,14 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from rich.table import Table
 
 from vlmdefense.cli.common import OutputFormat, app, fail, out, repo_root
 from vlmdefense.problems import ProblemsError
+from vlmdefense.runs.submissions import EXECUTORS
 
 
 @app.command()
@@ -28,6 +29,20 @@ def run(
         bool,
         typer.Option("--canonical", help="Record a run with overrides as the profile's record, not as a variant."),
     ] = False,
+    executor: Annotated[
+        str, typer.Option("--executor", help="inline (one after another here), local (submitit jobs), slurm.")
+    ] = "inline",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Resubmit the jobs of the last submission that did not end ok.")
+    ] = False,
+    parallel: Annotated[int | None, typer.Option(help="Jobs at once (default: cores / cpus; Slurm: 256).")] = None,
+    cpus: Annotated[int | None, typer.Option(help="CPU cores (and torch threads) per job.")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs per job.")] = None,
+    mem_gb: Annotated[int | None, typer.Option("--mem-gb", help="Memory per job (Slurm).")] = None,
+    time_min: Annotated[int | None, typer.Option("--time", help="Minutes per job before it is stopped.")] = None,
+    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
+    qos: Annotated[str | None, typer.Option(help="Slurm QOS.")] = None,
 ) -> None:
     """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/; a run with overrides
     (-p) is a variant and lands in reproductions/ID/PROFILE/variants/SLUG/, beside the canonical record."""
@@ -37,7 +52,11 @@ def run(
     from vlmdefense.runs.variants import record_dir
 
     root = repo_root()
-    if all_ == bool(method_ids):
+    if executor not in EXECUTORS:
+        fail(f"unknown executor {executor!r} (one of: {', '.join(EXECUTORS)})", code=2)
+    if resume and (all_ or method_ids):
+        fail("--resume resubmits the last submission: give no method ids and no --all", code=2)
+    if not resume and all_ == bool(method_ids):
         fail("give method ids or --all (not both)", code=2)
     try:
         overrides = parse_overrides(param or [])
@@ -67,9 +86,30 @@ def run(
             folder = record_dir(root, outcome.method, outcome.profile, overrides)
             out.print(f"        in {folder.relative_to(root)}/ (the canonical record is untouched)", highlight=False)
 
-    outcomes = run_many(
-        root, methods, profile, overrides, force, on_done=report, progress=sys.stderr.isatty(), canonical=canonical
-    )
+    if executor == "inline" and not resume:
+        outcomes = run_many(
+            root, methods, profile, overrides, force, on_done=report, progress=sys.stderr.isatty(), canonical=canonical
+        )
+    else:
+        from vlmdefense.runs.executors import ClusterOptions, ExecutorName, Job, resume_jobs, run_jobs
+        from vlmdefense.runs.submissions import logs_dir
+
+        logs = logs_dir(root)
+        jobs = resume_jobs(root, logs) if resume else [Job(m, profile, overrides, force, canonical) for m in methods]
+        if not jobs:
+            out.print("nothing to resume: every job of the last submission is ok", highlight=False)
+            return
+        try:
+            options = ClusterOptions.from_sources(
+                profiles[profile].get("executor"),
+                **dict(parallel=parallel, cpus=cpus, gpus=gpus, mem_gb=mem_gb, time_min=time_min),
+                **dict(partition=partition, account=account, qos=qos),
+            )
+        except (TypeError, ValueError) as exc:
+            fail(f"reproductions/profiles.yaml: {profile}.{exc}", code=2)
+        kind = cast(ExecutorName, "local" if executor == "inline" else executor)
+        outcomes, submission = run_jobs(root, jobs, kind, options, logs, on_done=report)
+        out.print(f"jobs and logs: {submission.folder.relative_to(root)}/", highlight=False)
     counts = {state: sum(o.state == state for o in outcomes) for state in ("ran", "skipped", "failed")}
     total = sum(o.seconds for o in outcomes)
     out.print(
@@ -130,6 +170,23 @@ def status(
                 r.method, r.profile, r.variant, override_args(r.overrides or {}), shown(r.state.value, r.changed)
             )
         out.print(extra)
+    _print_last_submission(root)
+
+
+def _print_last_submission(root: Path) -> None:
+    """The jobs of the last submission to an executor (ids, states, logs), if there was one."""
+    from vlmdefense.runs.submissions import latest_submission, logs_dir
+
+    submission = latest_submission(logs_dir(root))
+    if submission is None:
+        return
+    jobs = Table(title=f"last submission ({submission.executor}, {submission.folder.relative_to(root)}/)")
+    for column in ("method", "profile", "job", "state", "log"):
+        jobs.add_column(column)
+    for j in submission.jobs:
+        log = str(Path(j.log).relative_to(root)) if j.log and Path(j.log).is_relative_to(root) else (j.log or "")
+        jobs.add_row(j.method, j.profile, j.job_id or "", j.state, log)
+    out.print(jobs)
 
 
 @app.command()

@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vlmdefense.runs.runner import RunOutcome, run_one
-from vlmdefense.runs.submissions import JobRecord, Submission, latest_submission, new_submission, write_submission
-from vlmdefense.workbench.models import THREADS_ENV
+from vlmdefense.runs.submissions import (
+    JobRecord,
+    Submission,
+    latest_submission,
+    new_submission,
+    write_submission,
+)
 
-ExecutorName = Literal["inline", "local", "slurm", "debug"]
-EXECUTORS: tuple[str, ...] = ("inline", "local", "slurm", "debug")
+ExecutorName = Literal["local", "slurm", "debug"]
 POLL_SECONDS = 1.0
 
 
@@ -32,6 +36,7 @@ class Job:
     profile: str
     overrides: dict[str, Any] = field(default_factory=dict)
     force: bool = False
+    canonical: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,13 @@ class ClusterOptions:
 
 def run_job(root: str, job: Job, threads: int | None = None) -> RunOutcome:
     """The body of every submitted job (importable, so submitit can pickle it)."""
+    from vlmdefense.workbench.models import THREADS_ENV  # torch is imported by the job, not by the CLI
+
     if threads:
         os.environ[THREADS_ENV] = str(threads)
-    return run_one(Path(root), job.method, job.profile, job.overrides, job.force, progress=False)
+    return run_one(
+        Path(root), job.method, job.profile, job.overrides, job.force, progress=False, canonical=job.canonical
+    )
 
 
 def make_executor(kind: ExecutorName, folder: Path, options: ClusterOptions, name: str = "vlmdefense") -> Any:
@@ -209,7 +218,7 @@ def resume_jobs(root: Path, logs: Path) -> list[Job]:
     if submission is None:
         return []
     return [
-        Job(j.method, j.profile, j.overrides, j.force)
+        Job(j.method, j.profile, j.overrides, j.force, j.canonical)
         for j in submission.jobs
         if j.state not in ("ran", "skipped") or run_state(root, j.method, j.profile, j.overrides) is not RunState.OK
     ]

@@ -14,6 +14,8 @@ from typing import Any
 from vlmdefense.fileio import atomic_write_json
 
 LOGS = Path("logs") / "jobs"
+#: ``inline`` runs in this process; the others submit jobs through submitit.
+EXECUTORS: tuple[str, ...] = ("inline", "local", "slurm", "debug")
 SUBMISSION_FILE = "submission.json"
 LATEST_FILE = "latest.json"
 
@@ -26,6 +28,7 @@ class JobRecord:
     profile: str
     overrides: dict[str, Any] = field(default_factory=dict)
     force: bool = False
+    canonical: bool = False
     job_id: str | None = None
     state: str = "pending"
     log: str | None = None
