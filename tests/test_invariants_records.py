@@ -294,7 +294,9 @@ VALID = VALID_ENTRY.format(id="example", related="[]")
 KNOWN = {"id", "name", "title", "authors", "year", "venue", "links", "paradigm", "family", "summary", "mechanism"}
 KNOWN |= {"assumptions", "cost", "threat_model", "targets", "reported", "sources", "reproduction", "limitations"}
 KNOWN |= {"related", "level", "training", "inference", "modifies_weights", "needs_labels", "randomized"}
-field_names = st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True).filter(lambda n: n not in KNOWN)
+# YAML 1.1 reads these keys as booleans or null, not as names: see the xfail test below
+YAML_WORDS = {"yes", "no", "on", "off", "true", "false", "null"}
+field_names = st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True).filter(lambda n: n not in KNOWN | YAML_WORDS)
 PLACES = {
     "top level": ("summary:", "", ""),
     "cost": ("  level: low", "  ", "cost."),
@@ -314,6 +316,18 @@ def test_unknown_fields_are_rejected_where_they_are(catalog_dir: Path, name: str
     assert path.endswith("training-time/example.yaml")
     assert (line, field) == (line_of(text, f"{indent}{name}: 1"), prefix + name)
     assert message.startswith("unknown field")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a key that YAML 1.1 reads as a boolean (on, off, yes, no) is reported at the enclosing "
+    "mapping's line with a field such as 'assumptions[1]', not at its own line and name",
+)
+@pytest.mark.parametrize("name", ["on", "no"])
+def test_an_unknown_key_that_yaml_reads_as_a_boolean_is_located(catalog_dir: Path, name: str) -> None:
+    text = VALID.replace("  randomized: false", f"  {name}: 1\n  randomized: false", 1)
+    found = problems_for(catalog_dir, text)
+    assert [(line, field) for _, line, field, _ in found] == [(line_of(text, f"  {name}: 1"), f"assumptions.{name}")]
 
 
 COERCIONS = [
