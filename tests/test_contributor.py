@@ -143,7 +143,7 @@ def test_a_contributor_goes_from_new_to_a_page_on_the_site(tmp_path: Path, monke
     nbformat.write(notebook, str(notebook_path))
     assert "catalog ok" in ok("validate")
 
-    assert "1 ran" in ok("run", "blur-purifier", "--profile", "smoke", *FAST)
+    assert "1 ran" in ok("run", "blur-purifier", "--profile", "smoke", "--canonical", *FAST)
     record = json.loads((root / "reproductions" / "blur-purifier" / "smoke" / "result.json").read_text())
     assert record["status"] == "ok" and record["method"] == "blur-purifier"
     assert {r["adaptive"] for r in record["robust"]} == {False, True}
