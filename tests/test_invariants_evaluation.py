@@ -153,6 +153,9 @@ def test_accuracy_at_eps_zero_equals_clean(seed: int, n: int, norm: str) -> None
     for attack in [*attacks, WorstCase(attacks)]:
         robust, _ = robust_accuracy(model, model, attack, sets, 4)
         assert robust == clean
+    no_transfer = EvalSets(sets.test, None, SEEN)
+    assert clean_accuracy(model, no_transfer).transfer is None
+    assert robust_accuracy(model, model, attacks[0], no_transfer)[0] == clean_accuracy(model, no_transfer)
 
 
 @settings(max_examples=10, deadline=None)
@@ -277,6 +280,24 @@ def test_robustness_adds_no_worst_case_row_when_the_sweep_attack_is_the_only_att
     assert [r.attack for r in rows] == ["PGD-3", "APGD-CE-2"]
 
 
+def test_robustness_defaults_and_norms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``eot_samples`` an adaptive attack draws once; an L2 attack's rows say ``l2``."""
+    attacks_seen: list[Any] = []
+
+    def recorder(predict: Any, target: Any, attack: Any, *args: Any, **kwargs: Any) -> Any:
+        attacks_seen.append(attack)
+        return Accuracy(all=1.0), 0.0
+
+    monkeypatch.setattr(robustness_module, "robust_accuracy", recorder)
+    ctx = fake_context([{"name": "pgd", "steps": 3}], ["0.5"], "0.5")
+    ctx.params["sweep_attack"] = {"name": "pgd", "steps": 3, "norm": "l2"}
+    del ctx.params["eot_samples"]
+    rows = robustness_module.robustness(ctx, FakeDefense("inference", True))  # type: ignore[arg-type]
+    assert [r.norm for r in rows[:2]] == ["l2", "l2"] and attacks_seen[0].norm == "l2"
+    assert all(a.eot_samples == 1 for a in attacks_seen)
+    assert [r.norm for r in rows[2:]] == ["linf", "linf"]  # the headline attack list: PGD under L∞
+
+
 def test_each_row_reseeds_so_attacks_are_repeatable(monkeypatch: pytest.MonkeyPatch) -> None:
     draws: list[float] = []
 
@@ -361,6 +382,7 @@ def test_the_headline_is_the_minimum_over_every_row_at_its_eps(
         assert got == (round(min(at), 2) if at else None)
         assert got == (None if not at else round(result.worst_robust(value, adaptive), 2))
         assert all(got is not None and got <= a + 0.005 for a in at)  # never above any row at the headline ε
+    assert result.worst_robust(0.5) is None and result.robust_at(0.5) == []
     assert result.headline.eps == Epsilon.parse(headline) and result.headline.clean == clean
     assert result.robust == rows and result.clean == Accuracy(all=clean)
 

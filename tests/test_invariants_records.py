@@ -126,7 +126,7 @@ json_values = st.recursive(
 @FAST
 @given(payload=json_values)
 def test_atomic_json_round_trips(tmp_path: Path, payload: Any) -> None:
-    target = tmp_path / "sub" / "x.json"
+    target = tmp_path / "sub" / "deeper" / "x.json"  # missing parents are created
     fileio.atomic_write_json(target, payload)
     text = target.read_text(encoding="utf-8")
     assert json.loads(text) == payload and text.endswith("\n")
