@@ -54,7 +54,8 @@ schema: setup
 
 # Mutation testing (on demand, not in CI): mutmut over the modules that compute numbers ([tool.mutmut] in
 # pyproject.toml), with the fast tests that pin them, in a scratch copy of the committed tree so mutants never
-# touch this one. About 20 minutes on two cores; the small CLIP is trained once into .cache/mutation-model.
+# touch this one. Long: about an hour on two cores for all ten modules (APGD's mutants are the slowest); narrow
+# only_mutate for a quicker pass. The small CLIP is trained once into .cache/mutation-model.
 MUTATION_DIR ?= .cache/mutation-tree
 mutation: setup
 	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
