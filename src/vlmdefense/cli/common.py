@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -76,3 +76,31 @@ def repo_root() -> Path:
         return find_root()
     except FileNotFoundError as exc:
         fail(str(exc))
+
+
+def run_setup(root: Path, profile: str, param: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The profiles of ``root`` and the ``-p KEY=VALUE`` overrides; exits 2 on a bad override, an invalid
+    profiles file or an unknown ``profile``."""
+    from vlmdefense.problems import ProblemsError
+    from vlmdefense.runs.profiles import load_profiles, parse_overrides
+
+    try:
+        overrides = parse_overrides(param or [])
+        profiles = load_profiles(root)
+    except (ValueError, ProblemsError) as exc:
+        fail(str(exc), code=2)
+    if profile not in profiles:
+        fail(f"unknown profile {profile!r} (one of: {', '.join(profiles)})", code=2)
+    return profiles, overrides
+
+
+def require_notebooks(root: Path, methods: list[str]) -> list[str]:
+    """``methods`` when each has a notebook (exits with a did-you-mean otherwise); every method's known list."""
+    from vlmdefense.catalog.validation import unknown_id_message
+    from vlmdefense.runs.staleness import available_methods
+
+    known = available_methods(root)
+    for method in methods:
+        if method not in known:
+            fail(unknown_id_message(method, known).replace("in the catalog", "with a notebook"))
+    return known

@@ -18,8 +18,7 @@ from typing import Annotated
 
 import typer
 
-from vlmdefense.cli.common import app, err, fail, out, repo_root
-from vlmdefense.problems import ProblemsError
+from vlmdefense.cli.common import app, err, fail, out, repo_root, require_notebooks, run_setup
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
@@ -105,22 +104,10 @@ def open_notebook(
     """Copy notebooks/ID.ipynb to scratch/ (profile and overrides in its parameters cell, the project's
     kernel in its metadata) and open it in JupyterLab on localhost; Ctrl-C stops the server."""
     from vlmdefense.runs.jupyter import write_scratch_copy
-    from vlmdefense.runs.profiles import load_profiles, parse_overrides
-    from vlmdefense.runs.staleness import available_methods
 
     root = repo_root()
-    try:
-        overrides = parse_overrides(param or [])
-        profiles = load_profiles(root)
-    except (ValueError, ProblemsError) as exc:
-        fail(str(exc), code=2)
-    if profile not in profiles:
-        fail(f"unknown profile {profile!r} (one of: {', '.join(profiles)})", code=2)
-    known = available_methods(root)
-    if method_id not in known:
-        from vlmdefense.catalog.validation import unknown_id_message
-
-        fail(unknown_id_message(method_id, known).replace("in the catalog", "with a notebook"))
+    _, overrides = run_setup(root, profile, param)
+    require_notebooks(root, [method_id])
     if importlib.util.find_spec("jupyterlab") is None:
         fail("JupyterLab is not installed: run `make setup` (or pip install -e '.[jupyter]')")
     try:

@@ -11,8 +11,7 @@ from typing import Annotated, cast
 import typer
 from rich.table import Table
 
-from vlmdefense.cli.common import OutputFormat, app, fail, out, repo_root
-from vlmdefense.problems import ProblemsError
+from vlmdefense.cli.common import OutputFormat, app, fail, out, repo_root, require_notebooks, run_setup
 from vlmdefense.runs.submissions import EXECUTORS
 
 
@@ -46,9 +45,7 @@ def run(
 ) -> None:
     """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/; a run with overrides
     (-p) is a variant and lands in reproductions/ID/PROFILE/variants/SLUG/, beside the canonical record."""
-    from vlmdefense.runs.profiles import load_profiles, parse_overrides
     from vlmdefense.runs.runner import RunOutcome, run_many
-    from vlmdefense.runs.staleness import available_methods
     from vlmdefense.runs.variants import record_dir
 
     root = repo_root()
@@ -58,20 +55,9 @@ def run(
         fail("--resume resubmits the last submission: give no method ids and no --all", code=2)
     if not resume and all_ == bool(method_ids):
         fail("give method ids or --all (not both)", code=2)
-    try:
-        overrides = parse_overrides(param or [])
-        profiles = load_profiles(root)
-    except (ValueError, ProblemsError) as exc:
-        fail(str(exc), code=2)
-    if profile not in profiles:
-        fail(f"unknown profile {profile!r} (one of: {', '.join(profiles)})", code=2)
-    known = available_methods(root)
+    profiles, overrides = run_setup(root, profile, param)
+    known = require_notebooks(root, list(method_ids or []))
     methods = known if all_ else list(method_ids or [])
-    for method in methods:
-        if method not in known:
-            from vlmdefense.catalog.validation import unknown_id_message
-
-            fail(unknown_id_message(method, known).replace("in the catalog", "with a notebook"))
 
     def report(outcome: RunOutcome) -> None:
         style = {"ran": "green", "skipped": "dim", "failed": "bold red"}[outcome.state]
