@@ -184,6 +184,23 @@ def test_malformed_arxiv_id(catalog_dir: Path) -> None:
     assert (problem.line, problem.field) == (line_of(text, "arxiv:"), "links.arxiv")
 
 
+@pytest.mark.parametrize(
+    "bad",
+    ["2212.7016", "2213.07016", "2200.07016", "1412.012345", "0612.0001", "2401.000001", "hep-th/9913001"],
+)
+def test_arxiv_ids_with_an_impossible_month_or_length(catalog_dir: Path, bad: str) -> None:
+    text = valid_text().replace("arxiv: 2401.00001", f'arxiv: "{bad}"')
+    write_entry(catalog_dir, text=text)
+    problem = single(catalog_dir, "example.yaml")
+    assert (problem.line, problem.field) == (line_of(text, "arxiv:"), "links.arxiv")
+
+
+@pytest.mark.parametrize("good", ["2212.07016", "1501.00001", "0704.0001", "1412.7016", "hep-th/9912001"])
+def test_well_formed_arxiv_ids(catalog_dir: Path, good: str) -> None:
+    write_entry(catalog_dir, text=valid_text().replace("arxiv: 2401.00001", f'arxiv: "{good}"'))
+    assert problems_in(catalog_dir, "example.yaml") == []
+
+
 def test_malformed_url_and_doi(catalog_dir: Path) -> None:
     text = valid_text().replace("code: https://github.com/example/example", "code: github.com/x\n  doi: 11.2/x")
     write_entry(catalog_dir, text=text)
@@ -263,7 +280,7 @@ def test_python_tags_are_rejected_never_executed(catalog_dir: Path, tmp_path: Pa
     text = valid_text().replace("name: Example", f"name: !!python/object/apply:os.system ['touch {marker}']")
     write_entry(catalog_dir, text=text)
     problem = single(catalog_dir, "example.yaml")
-    assert (problem.line, problem.field) == (line_of(text, "name:"), "-")
+    assert (problem.line, problem.field) == (line_of(text, "name:"), "name")
     assert "tag not allowed" in problem.message
     assert not marker.exists()
 

@@ -15,7 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from vlmdefense.units import EpsilonField, Percent, parse_epsilon  # noqa: F401
 
 ID_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
-ARXIV_PATTERN = r"^(\d{4}\.\d{4,5}|[a-z\-]+(\.[A-Z]{2})?/\d{7})$"
+# New-style ids are YYMM.NNNN (April 2007 – December 2014) or YYMM.NNNNN (from January 2015), month 01–12;
+# old-style ids are archive(.SUBJECT)/YYMMNNN.
+ARXIV_PATTERN = (
+    r"^((0[7-9]|1[0-4])(0[1-9]|1[0-2])\.\d{4}|(1[5-9]|[2-9]\d)(0[1-9]|1[0-2])\.\d{5}"
+    r"|[a-z\-]+(\.[A-Z]{2})?/\d{2}(0[1-9]|1[0-2])\d{3})$"
+)
 DOI_PATTERN = r"^10\.\d{4,9}/\S+$"
 URL_PATTERN = r"^https?://[A-Za-z0-9.-]+\.[A-Za-z]{2,}(:\d+)?(/\S*)?$"
 
@@ -167,6 +172,20 @@ class Reported(StrictModel):
         return self
 
 
+class Checkpoint(StrictModel):
+    """Robust weights the authors released, as their own pages state."""
+
+    model: Text = Field(description="the backbone the weights are for, e.g. CLIP ViT-L/14")
+    url: Url = Field(description="where the weights are downloaded (model hub page or release asset)")
+    setting: Text | None = Field(None, description="how they were trained, e.g. 'ImageNet, l_inf eps 4/255'")
+    hub_id: str | None = Field(
+        None,
+        pattern=r"^hf-hub:[\w.-]+/[\w.-]+$",
+        description="open_clip model id for the weights, e.g. hf-hub:owner/name, when open_clip can load them",
+    )
+    source: Url = Field(description="the page that states the release (README, paper, model card)")
+
+
 class Reproduction(StrictModel):
     """This project's reproduction of the method."""
 
@@ -200,6 +219,12 @@ class Entry(StrictModel):
     threat_model: ThreatModel
     targets: Targets
     reported: list[Reported] = Field(default_factory=list)
+    not_reported_reason: Text | None = Field(
+        None, description="why no number is recorded in 'reported' (e.g. no table in any primary source)"
+    )
+    checkpoints: list[Checkpoint] = Field(
+        default_factory=list, description="robust weights the authors released; empty when none were found"
+    )
     sources: list[Url] = Field(min_length=1, description="every URL the facts were checked against")
     reproduction: Reproduction = Field(default_factory=Reproduction)
     limitations: list[Text] = Field(default_factory=list)
@@ -211,6 +236,12 @@ class Entry(StrictModel):
         if len(set(value)) != len(value):
             raise ValueError("lists an id more than once")
         return value
+
+    @model_validator(mode="after")
+    def _reported_or_reason(self) -> Entry:
+        if self.reported and self.not_reported_reason:
+            raise ValueError("has reported numbers and a not_reported_reason: keep one")
+        return self
 
     @property
     def needs_adaptive_evaluation(self) -> bool:

@@ -7,6 +7,7 @@ object is rejected as an error, never executed. Duplicate keys are errors too.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,19 @@ def format_loc(loc: Loc) -> str:
     return out or "-"
 
 
+# YAML 1.2's booleans only: YAML 1.1 also reads yes/no/on/off (any case) as booleans, which would let
+# ``randomized: off`` pass a strict boolean field, and turn a key named ``on`` into ``True``.
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
+
 class _StrictSafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys."""
+    """SafeLoader that refuses duplicate keys and reads only ``true``/``false`` as booleans."""
+
+    yaml_implicit_resolvers = {  # noqa: RUF012 (PyYAML's resolver table is a class attribute)
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -75,6 +87,19 @@ class _StrictSafeLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+for _first in "tTfF":
+    _StrictSafeLoader.add_implicit_resolver(_BOOL_TAG, _YAML12_BOOL, [_first])
+
+_KEY_ON_LINE = re.compile(r"^\s*(?:-\s+)?([A-Za-z_][\w-]*)\s*:")
+
+
+def _key_on_line(text: str, line: int) -> str:
+    """The mapping key written on ``line`` (1-based) of ``text``, or ``-``."""
+    lines = text.splitlines()
+    match = _KEY_ON_LINE.match(lines[line - 1]) if 0 < line <= len(lines) else None
+    return match.group(1) if match else "-"
 
 
 _NUMBER_TAGS = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
@@ -121,9 +146,11 @@ def load_yaml_mapping(path: Path) -> YamlDocument:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         message = " ".join(str(exc.problem or exc).split())
+        where = "-"
         if "could not determine a constructor" in message:
             message = f"tag not allowed (only plain YAML is accepted): {message}"
-        raise ProblemsError([Problem(shown, line, "-", f"invalid YAML: {message}")]) from exc
+            where = _key_on_line(text, line)
+        raise ProblemsError([Problem(shown, line, where, f"invalid YAML: {message}")]) from exc
     except yaml.YAMLError as exc:
         raise ProblemsError([Problem(shown, 1, "-", f"invalid YAML: {exc}")]) from exc
     finally:
