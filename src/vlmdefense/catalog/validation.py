@@ -14,13 +14,14 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from vlmdefense.catalog.schema import Entry, Paradigm, Taxonomy
+from vlmdefense.catalog.survey import SURVEY_FILE, load_survey
 from vlmdefense.catalog.yaml_source import Loc, YamlDocument, load_yaml_mapping
 from vlmdefense.problems import Problem, ProblemsError, display_path
 
 logger = logging.getLogger(__name__)
 
 TAXONOMY_FILE = "taxonomy.yaml"
-ALLOWED_TOP_LEVEL = {TAXONOMY_FILE, "schema.json", "result.schema.json", "README.md"}
+ALLOWED_TOP_LEVEL = {TAXONOMY_FILE, SURVEY_FILE, "schema.json", "result.schema.json", "README.md"}
 PLACEHOLDER = "TODO"
 
 
@@ -295,6 +296,7 @@ def load_catalog(root: Path) -> tuple[Catalog | None, list[Problem]]:
                 others = ", ".join(display_path(o.path) for o in same if o is not item)
                 problems.append(item.doc.problem(("id",), f"duplicate id {method_id!r} (also in {others})"))
     problems += _check_references(items, root.resolve().parent)
+    problems += load_survey(root, taxonomy)[1]
     logger.debug("validated %d files, %d problems", len(files), len(problems))
     catalog = Catalog(root=root, taxonomy=taxonomy, items=items) if taxonomy is not None else None
     return catalog, sorted(set(problems))

@@ -25,6 +25,7 @@ from vlmdefense.site.method import method_pages
 from vlmdefense.site.render import Writer
 from vlmdefense.site.results import results_page
 from vlmdefense.site.schema_ref import schema_page
+from vlmdefense.site.survey import SURVEY_PAGE, survey_page
 from vlmdefense.site.taxonomy import taxonomy_pages
 
 __all__ = ["ROOT_ENV", "Generated", "SiteError", "generate"]
@@ -72,9 +73,11 @@ def generate(root: Path, out: Path, catalog_dir: Path | None = None) -> Generate
     for profile, notebook in data.notebooks.get(BASELINE, {}).items():
         w.copy(f"{BASELINE}/{profile}.ipynb", notebook)
     schema_page(w)
+    has_survey = survey_page(data, w)
     nav = [
         {"Home": "index.md"},
         {"Taxonomy": taxonomy_nav},
+        *([{"The survey": SURVEY_PAGE}] if has_survey else []),
         {"Methods": methods_nav},
         {"Compare": "compare.md"},
         {"Results": "results.md"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vlmdefense.catalog.schema import ReproductionStatus
+from vlmdefense.catalog.survey import load_survey
 from vlmdefense.site.data import SiteData
 from vlmdefense.site.plots import paradigm_diagram
 from vlmdefense.site.render import Writer, render
@@ -30,4 +31,6 @@ def home(data: SiteData, w: Writer) -> None:
         entries = data.entries_of(info.id)
         adaptive_needed = sum(e.needs_adaptive_evaluation for e in entries)
         paradigms.append({"info": info, "methods": len(entries), "adaptive_needed": adaptive_needed})
-    w.page("index.md", "Home", render("home.md.j2", paradigms=paradigms, counts=counts(data)))
+    survey, _ = load_survey(data.catalog.root, data.catalog.taxonomy)
+    body = render("home.md.j2", paradigms=paradigms, counts=counts(data), survey=survey)
+    w.page("index.md", "Home", body)
