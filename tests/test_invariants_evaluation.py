@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -331,11 +331,23 @@ row_strategy = st.builds(
 )
 
 
-def evaluate_with_rows(monkeypatch: pytest.MonkeyPatch, rows: list[RobustEntry], headline: str, clean: float) -> Any:
-    """``harness.evaluate`` on a context whose measurements are given: clean accuracy and the robust rows."""
-    from vlmdefense.runs.records import Provenance
+def evaluate_with_rows(
+    monkeypatch: pytest.MonkeyPatch,
+    rows: list[RobustEntry],
+    headline: str,
+    clean: float,
+    audit_values: Sequence[float | None] = (),
+) -> Any:
+    """``harness.evaluate`` on a context whose measurements are given: clean accuracy, the robust rows and
+    the robust accuracies the audit's checks reached at the headline ε."""
+    from vlmdefense.runs.records import Audit, AuditCheck, AuditStatus, Provenance
     from vlmdefense.workbench.evaluation import Timing
 
+    checks = [
+        AuditCheck(id=f"check-{i}", title="t", status=AuditStatus.PASS, detail="d", robust=value)
+        for i, value in enumerate(audit_values)
+    ]
+    monkeypatch.setattr(harness, "run_audit", lambda *a, **k: Audit(checks=checks, images=3, tolerance="none"))
     monkeypatch.setattr(harness, "clean_accuracy", lambda *a, **k: Accuracy(all=clean))
     monkeypatch.setattr(harness, "robustness", lambda ctx, defense: list(rows))
     monkeypatch.setattr(harness, "time_inference", lambda *a, **k: Timing(0.001, 1.0, 0.0))
@@ -370,18 +382,27 @@ def evaluate_with_rows(monkeypatch: pytest.MonkeyPatch, rows: list[RobustEntry],
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.lists(row_strategy, max_size=8), headline=st.sampled_from(EPS_CHOICES), clean=st.floats(0, 100))
-def test_the_headline_is_the_minimum_over_every_row_at_its_eps(
-    rows: list[RobustEntry], headline: str, clean: float
+@given(
+    rows=st.lists(row_strategy, max_size=8),
+    headline=st.sampled_from(EPS_CHOICES),
+    clean=st.floats(0, 100),
+    audit_values=st.lists(st.one_of(st.none(), st.floats(0, 100).map(lambda v: round(v, 2))), max_size=4),
+)
+def test_the_headline_is_the_minimum_over_every_row_at_its_eps_and_every_audit_check(
+    rows: list[RobustEntry], headline: str, clean: float, audit_values: list[float | None]
 ) -> None:
     with pytest.MonkeyPatch.context() as monkeypatch:
-        result = evaluate_with_rows(monkeypatch, rows, headline, clean)
+        result = evaluate_with_rows(monkeypatch, rows, headline, clean, audit_values)
     value = Epsilon.parse(headline).value
+    found = [v for v in audit_values if v is not None]
     for adaptive, got in ((False, result.headline.robust), (True, result.headline.robust_adaptive)):
         at = [r.acc.all for r in rows if r.eps.value == value and r.adaptive == adaptive and r.acc.all is not None]
-        assert got == (round(min(at), 2) if at else None)
-        assert got == (None if not at else round(result.worst_robust(value, adaptive), 2))
-        assert all(got is not None and got <= a + 0.005 for a in at)  # never above any row at the headline ε
+        # the defense acts at inference, so the audit lowers the adaptive (final) worst case
+        candidates = at + (found if adaptive and at else [])
+        assert got == (round(min(candidates), 2) if at else None)
+        assert all(got is not None and got <= a + 0.005 for a in candidates)  # never above any row or check
+        lowered = adaptive and at and found and min(found) < round(min(at), 2)
+        assert bool(lowered) == bool(adaptive and result.headline.lowered_by)
     assert result.worst_robust(0.5) is None and result.robust_at(0.5) == []
     assert result.headline.eps == Epsilon.parse(headline) and result.headline.clean == clean
     assert result.robust == rows and result.clean == Accuracy(all=clean)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from vlmdefense.cli import catalog_commands, open_command, run_commands  # noqa: F401  (they register their commands)
+from vlmdefense.cli import (  # noqa: F401  (they register their commands)
+    audit_command,
+    catalog_commands,
+    open_command,
+    run_commands,
+)
 from vlmdefense.cli.common import app
 from vlmdefense.site.cli import site_app
 

@@ -100,6 +100,49 @@ class Headline(Record):
     clean: Percent | None
     robust: Percent | None = Field(description="worst case of the non-adaptive (or white-box) attacks")
     robust_adaptive: Percent | None = Field(None, description="worst case of the adaptive attacks, if any")
+    lowered_by: list[str] = Field(
+        default_factory=list,
+        description="audit checks that found a lower robust accuracy than the recorded attacks; the worst-case "
+        "number (robust_adaptive for inference-time defenses, robust otherwise) took their value",
+    )
+
+
+class AuditStatus(str, Enum):
+    """Outcome of one evaluation check."""
+
+    PASS = "pass"
+    FLAG = "flag"
+    SKIP = "skip"
+
+
+class AuditCheck(Record):
+    """One sanity check of the record's own evaluation, with the numbers behind its verdict."""
+
+    id: str = Field(description="e.g. eps-zero, monotonic, unbounded, convergence, black-box, transfer")
+    title: str
+    status: AuditStatus
+    detail: str = Field(description="what was measured and why it passed or flagged; the reason for a skip")
+    numbers: dict[str, JsonValue] = Field(default_factory=dict)
+    robust: Percent | None = Field(
+        None, description="robust accuracy (all test images) at the headline ε that the check's own attack reached"
+    )
+    seconds: float | None = None
+
+
+class Audit(Record):
+    """The evaluation audit of a result: every check, and the tolerance it allowed for noise."""
+
+    checks: list[AuditCheck]
+    images: int = Field(ge=0, description="test images the checks ran on")
+    tolerance: str = Field(description="how much a number may move before a check flags, in words")
+
+    def flags(self) -> list[AuditCheck]:
+        """The checks that flagged."""
+        return [c for c in self.checks if c.status is AuditStatus.FLAG]
+
+    def check(self, check_id: str) -> AuditCheck | None:
+        """The check with ``check_id``, if it ran."""
+        return next((c for c in self.checks if c.id == check_id), None)
 
 
 class PromptRecord(Record):
@@ -152,6 +195,7 @@ class Result(Record):
     headline: Headline | None = None
     reported: list[Reported] = Field(default_factory=list, description="the paper's numbers, from the catalog")
     findings: dict[str, JsonValue] = Field(default_factory=dict, description="method-specific measurements")
+    audit: Audit | None = Field(None, description="sanity checks of this result's own evaluation")
     provenance: Provenance | None = None
     run: RunInfo | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlmdefense.catalog.schema import Entry, ReproductionStatus
+from vlmdefense.runs.records import Result
 from vlmdefense.site import labels
 from vlmdefense.site.data import HeadlineNumbers, SiteData, headline_eps
 from vlmdefense.site.render import Writer, render
@@ -22,6 +23,7 @@ class CompareRow:
     assumptions: list[str]
     flags: list[str]
     numbers: list[HeadlineNumbers]
+    audits: list[str]
 
 
 @dataclass
@@ -32,6 +34,18 @@ class ProfileNote:
     eps: Epsilon
     baseline: float | None
     has_baseline: bool
+
+
+AUDIT_VERDICTS = ("pass", "flagged", "not audited")
+
+
+def audit_verdict(result: Result | None) -> str:
+    """The compare table's audit cell: ``pass``, ``flagged``, ``not audited``, or ``–`` without a result."""
+    if result is None:
+        return "–"
+    if result.audit is None:
+        return "not audited"
+    return "flagged" if result.audit.flags() else "pass"
 
 
 def compare_rows(data: SiteData, profiles: list[str]) -> list[CompareRow]:
@@ -47,6 +61,7 @@ def compare_rows(data: SiteData, profiles: list[str]) -> list[CompareRow]:
                 assumptions=labels.assumption_tags(e),
                 flags=labels.short_flags(e),
                 numbers=[headline_numbers(data.ok(e.id, p)) for p in profiles],
+                audits=[audit_verdict(data.ok(e.id, p)) for p in profiles],
             )
         )
     return rows
@@ -70,6 +85,7 @@ def compare_page(data: SiteData, w: Writer) -> None:
         "Paradigm": [p.id.value for p in data.catalog.taxonomy.paradigms],
         "Cost": list(labels.COST_ORDER),
         "Reproduction": [labels.status(s) for s in ReproductionStatus],
+        **{f"Audit ({p})": list(AUDIT_VERDICTS) for p in profiles},
     }
     body = render(
         "compare.md.j2",

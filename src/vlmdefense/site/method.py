@@ -16,6 +16,7 @@ from vlmdefense.site.data import SiteData, headline_eps
 from vlmdefense.site.links import method_page, method_plot, rel
 from vlmdefense.site.plots import method_plot as sweep_plot
 from vlmdefense.site.render import Writer, nav_title, render
+from vlmdefense.workbench.audit_report import audit_table, lowered_note
 from vlmdefense.workbench.report import headline_numbers, robust_gain
 
 
@@ -30,6 +31,8 @@ class ProfileRun:
     notebook: bool = False
     plot: str = ""
     commit: str = ""
+    audit: str = ""
+    audit_note: str = ""
 
 
 def paper_links(entry: Entry) -> list[tuple[str, str]]:
@@ -75,7 +78,12 @@ def profile_runs(entry: Entry, data: SiteData, w: Writer) -> list[ProfileRun]:
         plot = method_plot(entry.id, profile)
         w.write(plot, sweep_plot(entry, result, data.baseline(profile)))
         notebook = profile in data.notebooks.get(entry.id, {})
-        runs.append(ProfileRun(profile, result, False, notebook=notebook, plot=plot, commit=commit))
+        audit, note = audit_table(result), lowered_note(result)
+        runs.append(
+            ProfileRun(
+                profile, result, False, notebook=notebook, plot=plot, commit=commit, audit=audit, audit_note=note
+            )
+        )
     return runs
 
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmdefense.catalog.schema import Entry, Paradigm, ParadigmInfo
-from vlmdefense.runs.records import Result
+from vlmdefense.runs.records import AuditCheck, Result
 from vlmdefense.site.data import BASELINE, SiteData
 from vlmdefense.site.links import PLOTS
 from vlmdefense.site.render import Writer, render
+from vlmdefense.workbench.audit_report import WHAT_A_FLAG_MEANS
 
 
 @dataclass
@@ -41,6 +42,32 @@ class ProfileResults:
     gain: Plot
     seen_unseen: Plot
     adaptive: Plot
+    flags: list[AuditFlag] = field(default_factory=list)
+    unaudited: list[Entry] = field(default_factory=list)
+
+
+@dataclass
+class AuditFlag:
+    """One flagged evaluation check of one result."""
+
+    entry: Entry
+    check: AuditCheck
+    note: str
+
+
+def audit_flags(data: SiteData, ok: dict[str, Result]) -> tuple[list[AuditFlag], list[Entry]]:
+    """Every flagged check of the profile's method results, in catalog order, and the results with no audit."""
+    flags: list[AuditFlag] = []
+    unaudited: list[Entry] = []
+    for e in data.entries:
+        result = ok.get(e.id)
+        if result is None:
+            continue
+        if result.audit is None:
+            unaudited.append(e)
+            continue
+        flags += [AuditFlag(e, check, WHAT_A_FLAG_MEANS.get(check.id, "")) for check in result.audit.flags()]
+    return flags, unaudited
 
 
 def _pyplot() -> Any:
@@ -107,7 +134,10 @@ def profile_results(data: SiteData, w: Writer, profile: str) -> ProfileResults:
         fig = report.plot_adaptive_gap({label(e): ok[e.id] for e in inference if e.id in ok}, base)
         adaptive = Plot(_save(fig, w, f"{PLOTS}/{profile}-adaptive.png"), _lacking(ok, inference))
 
+    flags, unaudited = audit_flags(data, ok)
     return ProfileResults(
+        flags=flags,
+        unaudited=unaudited,
         profile=profile,
         description=data.profiles[profile].get("description", ""),
         done=len(done),

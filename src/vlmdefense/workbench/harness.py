@@ -29,6 +29,8 @@ from vlmdefense.runs.records import (
     Result,
     RunStatus,
 )
+from vlmdefense.workbench.audit import run_audit
+from vlmdefense.workbench.audit_rules import lowered_headline
 from vlmdefense.workbench.context import Context, fit, setup  # noqa: F401  (the notebook API)
 from vlmdefense.workbench.evaluation import (
     clean_accuracy,
@@ -47,11 +49,22 @@ def _reported(method: str, root: Path) -> list[Reported]:
 
 
 def evaluate(ctx: Context, defense: Defense) -> Result:
-    """Clean and robust accuracy, cost and provenance of a fitted defense, as a result record."""
+    """Clean and robust accuracy, cost, the evaluation audit (unless the profile sets ``audit: false``) and
+    provenance of a fitted defense, as a result record. The headline's worst case is the lowest robust
+    accuracy at the headline ε over every recorded attack and every audit check."""
     clean = clean_accuracy(defense.predict, ctx.sets, ctx.params["batch_size"])
     rows = robustness(ctx, defense)
     timing = time_inference(defense.predict, ctx.sets.test.images, defense.counter, ctx.params["batch_size"])
+    audit = None if ctx.params.get("audit") is False else run_audit(ctx, defense, clean, rows)
     at_headline = [r for r in rows if abs(r.eps.value - ctx.headline.value) < 1e-12]
+    headline = Headline(
+        eps=ctx.headline,
+        clean=clean.all,
+        robust=_lowest(r.acc.all for r in at_headline if not r.adaptive),
+        robust_adaptive=_lowest(r.acc.all for r in at_headline if r.adaptive),
+    )
+    if audit is not None:
+        headline = lowered_headline(headline, audit.checks, final_adaptive=defense.kind != "static")
     model = ctx.params["model"]
     return Result(
         method=ctx.method,
@@ -78,14 +91,10 @@ def evaluate(ctx: Context, defense: Defense) -> Result:
             forward_passes=round(timing.forward_passes, 2),
             backward_passes=round(timing.backward_passes, 2),
         ),
-        headline=Headline(
-            eps=ctx.headline,
-            clean=clean.all,
-            robust=_lowest(r.acc.all for r in at_headline if not r.adaptive),
-            robust_adaptive=_lowest(r.acc.all for r in at_headline if r.adaptive),
-        ),
+        headline=headline,
         reported=_reported(ctx.method, ctx.root),
         findings=ctx.findings,
+        audit=audit,
         provenance=provenance(
             ctx.root,
             ctx.device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmdefense.runs.records import Result, RobustEntry
+from vlmdefense.workbench.audit_report import audit_table, lowered_note
 
 SPLITS = ("all", "seen", "unseen", "transfer")
 
@@ -166,6 +167,8 @@ def display_report(result: Result, baseline: Result | None = None) -> None:
     display(fig)
     plt.close(fig)
     display(Markdown("### Cost\n\n" + cost_table(result)))
+    note = lowered_note(result)
+    display(Markdown("### Evaluation checks\n\n" + audit_table(result) + (f"\n\n{note}" if note else "")))
 
 
 def headline_numbers(result: Result | None) -> tuple[float | None, float | None, float | None]:

@@ -179,6 +179,22 @@ class AdversarialFineTuning(ConfiguredDefense):
             parameter.requires_grad_(False)
         return self.summary(data, time.perf_counter() - start)
 
+    def tuned_state(self) -> dict[str, torch.Tensor]:
+        """The fine-tuned image tower's weights (what :meth:`restore` takes back)."""
+        if self.classifier is None:
+            raise RuntimeError(f"{self.id}: call fit first")
+        return {k: v.detach().cpu() for k, v in self.classifier.model.visual.state_dict().items()}
+
+    def restore(self, data: FitData, state: dict[str, torch.Tensor]) -> None:
+        """Take the image tower of an earlier :meth:`fit` (same base model) instead of fitting again."""
+        self.original = data.base
+        self.train_classes = training_classes(data.prompts, self.config.train_text)
+        self.classifier = self._tuned_copy(data)
+        self.classifier.model.visual.load_state_dict(state)
+        self.classifier.model.eval()
+        for parameter in self.classifier.model.parameters():
+            parameter.requires_grad_(False)
+
     # ---- inference -------------------------------------------------------------------------------
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
