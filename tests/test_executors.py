@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 
 from conftest import REPO
-from vlmdefense.runs.executors import ClusterOptions, Job, make_executor, resume_jobs, run_jobs
+from vlmdefense.runs.executors import ClusterOptions, Job, ReproductionJob, make_executor, resume_jobs, run_jobs
 from vlmdefense.runs.records import RESULT_FILE
 from vlmdefense.runs.staleness import RunState, output_dir, run_state
 from vlmdefense.runs.submissions import latest_submission
@@ -71,6 +74,26 @@ def test_a_killed_job_keeps_the_previous_result_and_a_resume_reruns_only_it(tmp_
     assert [o.state for o in outcomes] == ["ran"] and record.read_bytes() != before
 
 
+def test_a_preempted_job_is_requeued_and_lands_ok(tmp_path: Path) -> None:
+    root = make_repo(tmp_path)
+    executor = make_executor("local", tmp_path / "logs", ClusterOptions())
+    handle = executor.submit(ReproductionJob(), str(root), Job("baseline", "quick"), 1)
+    deadline = time.monotonic() + 120
+    while "Loading pickle" not in (handle.stdout() or "") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    time.sleep(5)  # inside the notebook by now
+    # the signal Slurm sends a job before preempting it (or at its time limit), to the job's own process
+    # (the local executor's controller is its parent)
+    (task,) = psutil.Process(handle._process.pid).children()
+    task.send_signal(signal.SIGUSR2)
+    outcome = handle.result()
+    assert outcome.state == "ran", outcome.message
+    log = handle.stdout() or ""
+    assert "this job is preempted" in log and "Requeued job" in log, log
+    assert log.count("Loading pickle") == 2  # the same run, submitted again
+    assert run_state(root, "baseline", "quick") is RunState.OK
+
+
 def test_slurm_jobs_carry_the_requested_resources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from submitit.slurm.slurm import _make_sbatch_string
 
@@ -98,6 +121,11 @@ def test_slurm_jobs_carry_the_requested_resources(tmp_path: Path, monkeypatch: p
     ):
         assert line in script, line
     assert parameters["array_parallelism"] == 4
+    assert "#SBATCH --signal=USR2@" in script  # the warning before preemption or the time limit ...
+    assert executor._executor.max_num_timeout == 3  # ... after which a job is requeued up to 3 times
+    job = Job("tecoa", "smoke")
+    again = ReproductionJob().checkpoint(str(tmp_path), job, 8)
+    assert isinstance(again.function, ReproductionJob) and again.args == (str(tmp_path), job, 8)
 
 
 def test_unknown_executor_options_are_named() -> None:

@@ -51,6 +51,8 @@ class ClusterOptions:
         partition, account, qos: Slurm placement.
         parallel: jobs at once (a Slurm array's parallelism; on this machine, how many run side by side,
             default: the cores divided by ``cpus``).
+        requeues: how often a job that is preempted or reaches its time limit is put back in the queue
+            (it then runs its notebook again from the start; the previous result stays until it succeeds).
     """
 
     cpus: int = 1
@@ -61,6 +63,7 @@ class ClusterOptions:
     account: str | None = None
     qos: str | None = None
     parallel: int | None = None
+    requeues: int = 3
 
     @classmethod
     def from_sources(cls, profile_section: dict[str, Any] | None, **cli: Any) -> ClusterOptions:
@@ -86,7 +89,7 @@ class ClusterOptions:
 
 
 def run_job(root: str, job: Job, threads: int | None = None) -> RunOutcome:
-    """The body of every submitted job (importable, so submitit can pickle it)."""
+    """What every submitted job runs: the inline run of one method on one profile."""
     from vlmdefense.workbench.models import THREADS_ENV  # torch is imported by the job, not by the CLI
 
     if threads:
@@ -96,12 +99,26 @@ def run_job(root: str, job: Job, threads: int | None = None) -> RunOutcome:
     )
 
 
+class ReproductionJob:
+    """The callable submitit runs (picklable). Its :meth:`checkpoint` makes a job requeueable: when the
+    cluster preempts it or its time runs out, submitit calls it and resubmits the same run."""
+
+    def __call__(self, root: str, job: Job, threads: int | None = None) -> RunOutcome:
+        return run_job(root, job, threads)
+
+    def checkpoint(self, root: str, job: Job, threads: int | None = None) -> Any:
+        """The same run again, from the start of its notebook (papermill cannot resume inside one)."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(ReproductionJob(), root, job, threads)
+
+
 def make_executor(kind: ExecutorName, folder: Path, options: ClusterOptions, name: str = "vlmdefense") -> Any:
     """A configured submitit executor (``local``, ``slurm`` or ``debug``) writing its logs to ``folder``."""
     import submitit
 
     cluster = {"local": "local", "slurm": "slurm", "debug": "debug"}[kind]
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=options.requeues)
     params: dict[str, Any] = {"timeout_min": options.time_min, "name": name}
     if kind == "slurm":
         params.update(
@@ -152,7 +169,7 @@ def run_jobs(
     started = time.perf_counter()
     if kind == "slurm":
         with executor.batch():
-            handles = [executor.submit(run_job, str(root), job, threads) for job in jobs]
+            handles = [executor.submit(ReproductionJob(), str(root), job, threads) for job in jobs]
         pending = dict(enumerate(handles))
         _record(submission, pending, outcomes)
     else:
@@ -162,7 +179,7 @@ def run_jobs(
         while queue or pending:
             while queue and len(pending) < limit:
                 index, job = queue.pop(0)
-                pending[index] = executor.submit(run_job, str(root), job, threads)
+                pending[index] = executor.submit(ReproductionJob(), str(root), job, threads)
                 _record(submission, pending, outcomes)
             _collect(jobs, pending, outcomes, started, submission, on_done, block=not queue)
         return [outcomes[i] for i in range(len(jobs))], submission
