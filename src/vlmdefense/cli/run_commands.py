@@ -42,6 +42,9 @@ def run(
     partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
     account: Annotated[str | None, typer.Option(help="Slurm account.")] = None,
     qos: Annotated[str | None, typer.Option(help="Slurm QOS.")] = None,
+    requeues: Annotated[
+        int | None, typer.Option(help="Times a preempted or timed-out job is requeued (default 3).")
+    ] = None,
 ) -> None:
     """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/; a run with overrides
     (-p) is a variant and lands in reproductions/ID/PROFILE/variants/SLUG/, beside the canonical record."""
@@ -89,7 +92,7 @@ def run(
             options = ClusterOptions.from_sources(
                 profiles[profile].get("executor"),
                 **dict(parallel=parallel, cpus=cpus, gpus=gpus, mem_gb=mem_gb, time_min=time_min),
-                **dict(partition=partition, account=account, qos=qos),
+                **dict(partition=partition, account=account, qos=qos, requeues=requeues),
             )
         except (TypeError, ValueError) as exc:
             fail(f"reproductions/profiles.yaml: {profile}.{exc}", code=2)
