@@ -68,6 +68,7 @@ threat_model:
 targets:
   models: [CLIP]
   tasks: [zero-shot classification]
+not_reported_reason: a synthetic method; no paper reports numbers for it
 sources:
   - https://arxiv.org/abs/2501.00010
 reproduction:

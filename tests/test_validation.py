@@ -328,3 +328,17 @@ def test_broken_taxonomy_is_reported(catalog_dir: Path) -> None:
     catalog, problems = load_catalog(catalog_dir)
     assert catalog is None
     assert any(p.path.endswith("taxonomy.yaml") and p.field == "paradigms[0].id" and p.line == 2 for p in problems)
+
+
+def test_an_entry_says_why_it_has_no_reported_numbers(catalog_dir: Path) -> None:
+    text = valid_text()
+    start = text.index("reported:")
+    end = text.index("sources:")
+    without = text[:start] + "reported: []\n" + text[end:]
+    write_entry(catalog_dir, text=without)
+    problem = single(catalog_dir, "example.yaml")
+    assert "not_reported_reason" in problem.message
+    write_entry(catalog_dir, text=without.replace("reported: []\n", "reported: []\nnot_reported_reason: only plots\n"))
+    assert problems_in(catalog_dir, "example.yaml") == []
+    write_entry(catalog_dir, text=text.replace("sources:", "not_reported_reason: only plots\nsources:", 1))
+    assert "keep one" in single(catalog_dir, "example.yaml").message

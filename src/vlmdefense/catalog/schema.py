@@ -241,6 +241,11 @@ class Entry(StrictModel):
     def _reported_or_reason(self) -> Entry:
         if self.reported and self.not_reported_reason:
             raise ValueError("has reported numbers and a not_reported_reason: keep one")
+        if not self.reported and not self.not_reported_reason:
+            raise ValueError(
+                "no reported numbers: add a row to 'reported' (the paper's table, with its setting) or say why "
+                "there is none in 'not_reported_reason'"
+            )
         return self
 
     @property
