@@ -14,7 +14,15 @@ import psutil
 import pytest
 
 from conftest import REPO
-from vlmdefense.runs.executors import ClusterOptions, Job, ReproductionJob, make_executor, resume_jobs, run_jobs
+from vlmdefense.runs.executors import (
+    ClusterOptions,
+    Job,
+    ReproductionJob,
+    make_executor,
+    resume_jobs,
+    run_jobs,
+    shard_jobs,
+)
 from vlmdefense.runs.records import RESULT_FILE
 from vlmdefense.runs.staleness import RunState, output_dir, run_state
 from vlmdefense.runs.submissions import latest_submission
@@ -150,3 +158,27 @@ def test_cli_submits_local_jobs_and_status_shows_them(tmp_path: Path) -> None:
     assert resumed.exit_code == 0 and "nothing to resume" in resumed.output, resumed.output
     bad = CliRunner().invoke(app, ["run", "baseline", "--executor", "cloud"], env=env)
     assert bad.exit_code == 2 and "unknown executor" in bad.output
+
+
+def test_sharding_makes_one_job_per_method_and_listed_value() -> None:
+    profile = {"name": "suite", "shards": {"dataset": ["cifar10", "stl10"]}}
+    jobs = shard_jobs(["fare", "tecoa"], profile, "dataset", {"n_test": 10}, force=True)
+    assert [(j.method, j.profile, j.overrides, j.force) for j in jobs] == [
+        ("fare", "suite", {"n_test": 10, "dataset": "cifar10"}, True),
+        ("fare", "suite", {"n_test": 10, "dataset": "stl10"}, True),
+        ("tecoa", "suite", {"n_test": 10, "dataset": "cifar10"}, True),
+        ("tecoa", "suite", {"n_test": 10, "dataset": "stl10"}, True),
+    ]
+    with pytest.raises(ValueError, match=r"no shards for 'seed'.*known: dataset"):
+        shard_jobs(["fare"], profile, "seed")
+
+
+def test_the_cli_refuses_shards_a_profile_does_not_list() -> None:
+    from typer.testing import CliRunner
+
+    from vlmdefense.cli import app
+
+    result = CliRunner().invoke(app, ["run", "baseline", "--executor", "local", "--shard-by", "dataset"])
+    assert result.exit_code == 2 and "lists no shards for 'dataset'" in result.output
+    result = CliRunner().invoke(app, ["run", "baseline", "--shard-by", "dataset"])
+    assert result.exit_code == 2 and "--executor local or slurm" in result.output

@@ -45,6 +45,10 @@ def run(
     requeues: Annotated[
         int | None, typer.Option(help="Times a preempted or timed-out job is requeued (default 3).")
     ] = None,
+    shard_by: Annotated[
+        str | None,
+        typer.Option("--shard-by", help="One job per value of the profile's shards.KEY list (e.g. dataset)."),
+    ] = None,
 ) -> None:
     """Execute reproduction notebooks with papermill into reproductions/ID/PROFILE/; a run with overrides
     (-p) is a variant and lands in reproductions/ID/PROFILE/variants/SLUG/, beside the canonical record."""
@@ -75,16 +79,26 @@ def run(
             folder = record_dir(root, outcome.method, outcome.profile, overrides)
             out.print(f"        in {folder.relative_to(root)}/ (the canonical record is untouched)", highlight=False)
 
+    if shard_by and executor == "inline":
+        fail("--shard-by submits one job per shard: use --executor local or slurm", code=2)
     if executor == "inline" and not resume:
         outcomes = run_many(
             root, methods, profile, overrides, force, on_done=report, progress=sys.stderr.isatty(), canonical=canonical
         )
     else:
-        from vlmdefense.runs.executors import ClusterOptions, ExecutorName, Job, resume_jobs, run_jobs
+        from vlmdefense.runs.executors import ClusterOptions, ExecutorName, Job, resume_jobs, run_jobs, shard_jobs
         from vlmdefense.runs.submissions import logs_dir
 
         logs = logs_dir(root)
-        jobs = resume_jobs(root, logs) if resume else [Job(m, profile, overrides, force, canonical) for m in methods]
+        if resume:
+            jobs = resume_jobs(root, logs)
+        elif shard_by:
+            try:
+                jobs = shard_jobs(methods, profiles[profile], shard_by, overrides, force)
+            except ValueError as exc:
+                fail(f"reproductions/profiles.yaml: {exc}", code=2)
+        else:
+            jobs = [Job(m, profile, overrides, force, canonical) for m in methods]
         if not jobs:
             out.print("nothing to resume: every job of the last submission is ok", highlight=False)
             return

@@ -99,6 +99,28 @@ def run_job(root: str, job: Job, threads: int | None = None) -> RunOutcome:
     )
 
 
+def shard_jobs(
+    methods: Sequence[str],
+    profile: dict[str, Any],
+    key: str,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+) -> list[Job]:
+    """One job per method and per value the profile's ``shards.<key>`` lists (e.g. one per dataset of a
+    dataset suite), each with the override ``key: value``; the shards land as variants of the profile.
+
+    Raises:
+        ValueError: the profile has no ``shards.<key>`` list.
+    """
+    values = (profile.get("shards") or {}).get(key)
+    if not isinstance(values, list) or not values:
+        known = ", ".join(sorted(profile.get("shards") or {})) or "none"
+        raise ValueError(
+            f"profile {profile.get('name', '?')!r} lists no shards for {key!r} (shards.{key}; known: {known})"
+        )
+    return [Job(m, str(profile.get("name", "")), {**(overrides or {}), key: v}, force) for m in methods for v in values]
+
+
 class ReproductionJob:
     """The callable submitit runs (picklable). Its :meth:`checkpoint` makes a job requeueable: when the
     cluster preempts it or its time runs out, submitit calls it and resubmits the same run."""

@@ -60,7 +60,7 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Profile sections that configure how runs are executed rather than what a notebook computes.
-NOT_PARAMETERS = ("methods", "executor")
+NOT_PARAMETERS = ("methods", "executor", "shards")
 
 
 def method_parameters(profile: dict[str, Any], method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
