@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from vlmdefense.catalog.documents import validate_document
 from vlmdefense.catalog.schema import ARXIV_PATTERN, Links, MethodId, Paradigm, StrictModel, Taxonomy, Text, Url
 from vlmdefense.catalog.yaml_source import load_yaml_mapping
 from vlmdefense.problems import Problem, ProblemsError
@@ -40,8 +41,6 @@ class Survey(StrictModel):
 def load_survey(root: Path, taxonomy: Taxonomy | None) -> tuple[Survey | None, list[Problem]]:
     """The survey of the catalog at ``root`` (``None`` when there is no survey file), with its problems:
     schema, and families that the taxonomy does not place in the stated paradigm."""
-    from vlmdefense.catalog.validation import validate_document
-
     path = Path(root) / SURVEY_FILE
     if not path.is_file():
         return None, []

@@ -299,6 +299,14 @@ def _transfer(run: _Run) -> AuditCheck:
 
 def _autoattack(run: _Run) -> AuditCheck:
     s = run.settings
+    classes = len(run.ctx.prompts.classnames)
+    if classes < 4:
+        return _check(
+            "autoattack",
+            "AutoAttack agrees with the recorded attacks",
+            AuditStatus.SKIP,
+            f"AutoAttack's targeted attacks need at least 4 classes; this label space has {classes}",
+        )
     suite = AutoAttackSuite(
         eps=run.ctx.headline.value,
         n_classes=len(run.ctx.prompts.classnames),
