@@ -481,3 +481,29 @@ def test_plots_load_and_html_stays_text(tab, small_url: str) -> None:
     tab.get_by_role("link", name="Executed notebook (smoke)").click()
     tab.wait_for_url(re.compile(r"/methods/example/smoke/$"))
     assert "smoke numbers" in tab.locator("article").inner_text()
+
+
+def executed_notebook_pages() -> list[tuple[str, str]]:
+    """(URL path, label) of every committed executed notebook's page on the real site."""
+    pages = []
+    for notebook in sorted((REPO / "reproductions").glob("*/*/*.ipynb")):
+        method, profile = notebook.parent.parent.name, notebook.parent.name
+        where = f"baseline/{profile}/" if method == "baseline" else f"methods/{method}/{profile}/"
+        pages.append((where, f"{method}-{profile}"))
+    return pages
+
+
+@pytest.mark.browser
+def test_every_executed_notebook_page_reads_clean(tab, real_url: str) -> None:
+    pages = executed_notebook_pages()
+    assert pages
+    for where, label in pages:
+        tab.goto(real_url + where)
+        tab.wait_for_load_state("load")
+        text = tab.locator("article").inner_text()
+        for noise in ("site-packages", "it/s]", "s/it]", "TqdmWarning", "Traceback", str(REPO)):
+            assert noise not in text, f"{where}: {noise!r} on the page"
+        assert "Evaluation checks" in text and "Evaluation audit" in text, where
+        broken = tab.locator("article img").evaluate_all("imgs => imgs.filter(i => !i.naturalWidth).length")
+        assert broken == 0, f"{where}: {broken} image(s) did not load"
+        shot(tab, f"notebook-{label}")
