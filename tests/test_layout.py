@@ -4,7 +4,9 @@ module longer than the project's limit."""
 from __future__ import annotations
 
 import ast
+import re
 
+from conftest import REPO
 from vlmdefense.runs.code_digest import PACKAGE_DIR, module_file, module_name
 
 MAX_LINES = 450
@@ -98,3 +100,12 @@ def test_every_module_says_what_it_is_for() -> None:
         if p.name != "__main__.py" and not ast.get_docstring(ast.parse(p.read_text(encoding="utf-8")))
     ]
     assert missing == []
+
+
+def test_every_source_path_a_notebook_names_exists() -> None:
+    named = set()
+    for notebook in sorted((REPO / "notebooks").glob("*.ipynb")):
+        named |= {(notebook.name, path) for path in re.findall(r"src/vlmdefense/[\w/]+\.py", notebook.read_text())}
+    assert named, "the notebooks name the modules they reproduce"
+    missing = sorted((name, path) for name, path in named if not (REPO / path).is_file())
+    assert not missing, f"notebooks name modules that do not exist: {missing}"

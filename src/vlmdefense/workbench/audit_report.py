@@ -23,13 +23,13 @@ def _cell(text: str) -> str:
 
 
 def audit_table(result: Result) -> str:
-    """Markdown: every check, its verdict, and what it measured."""
+    """Markdown: every check (name and verdict in one narrow column), and what it measured, with its seconds."""
     if result.audit is None:
         return "This result has no evaluation audit (it predates the audit, or its profile turns it off)."
-    rows = ["| check | verdict | what was measured | seconds |", "| --- | --- | --- | --- |"]
+    rows = ["| check | what was measured |", "| --- | --- |"]
     for c in result.audit.checks:
-        seconds = "–" if c.seconds is None else f"{c.seconds:.0f}"
-        rows.append(f"| {_cell(c.title)} (`{c.id}`) | {VERDICTS[c.status]} | {_cell(c.detail)} | {seconds} |")
+        seconds = "" if c.seconds is None else f" ({c.seconds:.0f} s)"
+        rows.append(f"| {VERDICTS[c.status]}: {_cell(c.title)} (`{c.id}`) | {_cell(c.detail)}{seconds} |")
     return "\n".join(rows) + f"\n\nTolerance: {result.audit.tolerance}."
 
 
