@@ -227,3 +227,21 @@ def test_validate_checks_result_files(catalog_dir: Path) -> None:
     code, out, _ = run("validate", str(catalog_dir))
     assert code == 1
     assert "ghost/smoke/result.json" in out and "clean.all" in out
+
+
+def test_audit_prints_each_check_and_exits_1_on_a_flag() -> None:
+    from vlmdefense.runs.records import read_result, result_path
+
+    for method in ("baseline", "clipure"):
+        record = read_result(result_path(REPO, method, "smoke"))
+        assert record.audit is not None, f"the committed {method} result has no audit"
+        result = runner.invoke(app, ["audit", method, "--format", "csv"])
+        rows = list(csv.DictReader(io.StringIO(result.stdout)))
+        assert [r["check"] for r in rows] == [c.id for c in record.audit.checks]
+        assert [r["status"] for r in rows] == [c.status.value for c in record.audit.checks]
+        assert all(r["seconds"] != "" for r in rows)
+        assert result.exit_code == (1 if record.audit.flags() else 0)
+    flagged = runner.invoke(app, ["audit", "clipure", "--flags", "--format", "json"])
+    assert {c["status"] for c in json.loads(flagged.stdout)} <= {"flag"}
+    missing = runner.invoke(app, ["audit", "baseline", "--profile", "quick"])
+    assert missing.exit_code == 1 and "no quick result" in missing.output

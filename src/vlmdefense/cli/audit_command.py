@@ -42,7 +42,7 @@ def audit(
         for c in checks:
             detail = '"' + c.detail.replace('"', '""') + '"'
             out.print(
-                f"{c.id},{c.status.value},{'' if c.robust is None else c.robust},{c.seconds or ''},{detail}",
+                f"{c.id},{c.status.value},{'' if c.robust is None else c.robust},{'' if c.seconds is None else c.seconds},{detail}",
                 markup=False,
                 highlight=False,
             )
