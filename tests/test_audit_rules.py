@@ -10,7 +10,14 @@ from vlmdefense.runs.records import Accuracy, AuditCheck, AuditStatus, Headline,
 from vlmdefense.units import Epsilon
 from vlmdefense.workbench.audit import AuditSettings
 from vlmdefense.workbench.audit_gradients import gradient_check, margin_loss
-from vlmdefense.workbench.audit_rules import lowered_headline, monotonicity, tolerance
+from vlmdefense.workbench.audit_rules import (
+    lowered_headline,
+    monotonicity,
+    one_image,
+    sweep_points,
+    tolerance,
+    tolerance_words,
+)
 from vlmdefense.workbench.reference_attacks import AutoAttackSuite, Square
 
 
@@ -100,3 +107,75 @@ def test_unknown_audit_settings_are_errors() -> None:
     with pytest.raises(ValueError, match="unknown audit setting"):
         AuditSettings.from_params({"audit": {"square_querys": 3}})
     assert AuditSettings.from_params({"audit": {"restarts": 5}}).restarts == 5
+
+
+def test_sweep_points_are_the_sweep_of_one_kind_with_clean_first() -> None:
+    rows = [
+        row("8/255", 20.0, True),
+        row("4/255", 30.0, True),
+        row("4/255", 50.0, False),
+        row("8/255", 5.0, True, attack="worst(PGD-10, APGD-CE-10)"),
+        RobustEntry(
+            attack="PGD-10", eps=Epsilon.parse("2/255"), steps=10, adaptive=True, target="t", acc=Accuracy(all=None)
+        ),
+    ]
+    points = sweep_points(rows, 90.0, adaptive=True)
+    assert [(e.display, a) for e, a in points] == [("0", 90.0), ("4/255", 30.0), ("8/255", 20.0)]
+    assert [(e.display, a) for e, a in sweep_points(rows, None, adaptive=False)] == [("4/255", 50.0)]
+
+
+def test_monotonicity_bounds_only_with_its_kind_up_to_the_headline() -> None:
+    rows = [row("2/255", 12.0, True), row("8/255", 15.0, True), row("16/255", 3.0, True), row("4/255", 1.0, False)]
+    check = monotonicity(rows, 80.0, Epsilon.parse("8/255"), True, n=100, randomized=False)
+    assert (check.id, check.title) == ("monotonic", "Accuracy does not rise with ε")
+    assert check.robust == 12.0  # not 3.0 (beyond the headline), not 1.0 (the other kind)
+    assert check.numbers["curves"] == {
+        "non-adaptive": [["0", 80.0], ["4/255", 1.0]],
+        "adaptive": [["0", 80.0], ["2/255", 12.0], ["8/255", 15.0], ["16/255", 3.0]],
+    }
+    assert [r["to_eps"] for r in check.numbers["rises"]] == ["8/255"]
+    at_headline = monotonicity(rows, 80.0, Epsilon.parse("2/255"), True, n=100, randomized=False)
+    assert at_headline.robust == 12.0 and at_headline.status is AuditStatus.FLAG
+    rounded = monotonicity([row("8/255", 12.3456, True)], 80.0, Epsilon.parse("8/255"), True, 100, False)
+    assert rounded.robust == 12.35
+
+
+def test_a_rise_of_exactly_the_tolerance_passes_and_a_drop_after_a_tie_is_measured_from_the_first() -> None:
+    rows = [row("4/255", 20.0), row("8/255", 21.0)]  # one image of 100 = 1 point: allowed
+    assert monotonicity(rows, 90.0, Epsilon.parse("8/255"), False, 100, False).status is AuditStatus.PASS
+    tie = [row("2/255", 20.0), row("4/255", 20.0), row("8/255", 21.5)]
+    check = monotonicity(tie, 90.0, Epsilon.parse("8/255"), False, 100, False)
+    rise = {"attack": "non-adaptive", "from_eps": "2/255", "from": 20.0, "to_eps": "8/255", "to": 21.5}
+    assert check.numbers["rises"] == [rise]
+    wider = monotonicity(tie, 90.0, Epsilon.parse("8/255"), False, 100, randomized=True, noise_sd=1.0)
+    assert wider.status is AuditStatus.PASS  # 1 standard error of 20 % over 100 images is 4 points
+
+
+def test_monotonicity_skips_a_sweep_without_two_points() -> None:
+    for rows, clean in (([], None), ([row("8/255", 10.0)], None)):
+        check = monotonicity(rows, clean, Epsilon.parse("8/255"), False, 100, False)
+        assert (check.id, check.status, check.robust) == ("monotonic", AuditStatus.SKIP, None)
+        assert check.detail == "fewer than two points on the ε sweep"
+    two = monotonicity([row("8/255", 10.0)], 90.0, Epsilon.parse("8/255"), False, 100, False)
+    assert two.status is AuditStatus.PASS
+
+
+def test_tolerance_edges() -> None:
+    assert one_image(0) == 100.0 and one_image(1) == 100.0 and one_image(400) == 0.25
+    assert tolerance(None, 100, randomized=True) == 1.0
+    assert tolerance(100.0, 100, randomized=True) == pytest.approx(2.0)  # p(1-p) floored at 1/n
+    assert tolerance(150.0, 100, randomized=True) == tolerance(100.0, 100, randomized=True)
+    assert tolerance(50.0, 1, randomized=True) == pytest.approx(200.0)  # p(1-p) floored at 1/n = 1
+    assert tolerance(50.0, 4, randomized=True, noise_sd=1.0) == pytest.approx(25.0)
+    assert "one test image (1.00 points of 100)" in tolerance_words(100, False, 2.0)
+    assert tolerance_words(100, True, 2.0).startswith("2 binomial standard errors of the accuracy over 100 images")
+
+
+def test_a_check_equal_to_the_recorded_worst_case_lowers_nothing() -> None:
+    headline = Headline(eps=Epsilon.parse("8/255"), clean=90.0, robust=30.0, robust_adaptive=None)
+    same = [AuditCheck(id="a", title="a", status=AuditStatus.PASS, detail="d", robust=30.0)]
+    assert lowered_headline(headline, same, final_adaptive=False) == headline
+    lower = [*same, AuditCheck(id="b", title="b", status=AuditStatus.FLAG, detail="d", robust=29.994)]
+    lowered = lowered_headline(headline, lower, final_adaptive=False)
+    assert (lowered.robust, lowered.lowered_by) == (29.99, ["b"])
+    assert lowered_headline(headline, lower, final_adaptive=True) == headline  # no adaptive number to lower
