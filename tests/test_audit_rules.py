@@ -179,3 +179,11 @@ def test_a_check_equal_to_the_recorded_worst_case_lowers_nothing() -> None:
     lowered = lowered_headline(headline, lower, final_adaptive=False)
     assert (lowered.robust, lowered.lowered_by) == (29.99, ["b"])
     assert lowered_headline(headline, lower, final_adaptive=True) == headline  # no adaptive number to lower
+
+
+def test_the_noise_tolerance_reaches_the_rise_test_and_a_missing_kind_bounds_nothing() -> None:
+    tie = [row("2/255", 20.0), row("8/255", 21.5)]
+    strict = monotonicity(tie, 90.0, Epsilon.parse("8/255"), False, 100, randomized=True, noise_sd=0.1)
+    assert strict.status is AuditStatus.FLAG  # 0.1 standard errors < one image: the 1.5-point rise counts
+    only_static = monotonicity(tie, 90.0, Epsilon.parse("8/255"), True, 100, randomized=False)
+    assert only_static.robust is None  # no adaptive curve to bound the adaptive headline
