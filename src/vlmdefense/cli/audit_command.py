@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -38,13 +40,17 @@ def audit(
     if fmt is OutputFormat.json:
         out.print_json(json.dumps([c.model_dump(mode="json") for c in checks]))
     elif fmt is OutputFormat.csv:
-        out.print("check,status,robust,seconds,detail", markup=False, highlight=False)
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["check", "status", "robust", "seconds", "detail"])
         for c in checks:
-            detail = '"' + c.detail.replace('"', '""') + '"'
-            out.print(
-                f"{c.id},{c.status.value},{'' if c.robust is None else c.robust},{'' if c.seconds is None else c.seconds},{detail}",
-                markup=False,
-                highlight=False,
+            writer.writerow(
+                [
+                    c.id,
+                    c.status.value,
+                    "" if c.robust is None else c.robust,
+                    "" if c.seconds is None else c.seconds,
+                    c.detail,
+                ]
             )
     else:
         table = Table(title=f"evaluation audit: {method_id} ({profile}, {result.audit.images} test images)")
