@@ -5,6 +5,7 @@ from __future__ import annotations
 from vlmdefense.cli import (  # noqa: F401  (they register their commands)
     audit_command,
     catalog_commands,
+    evaluate_command,
     open_command,
     run_commands,
 )

@@ -133,11 +133,11 @@ def status(
 ) -> None:
     """Show every method × profile as ok / stale / failed / missing (a stale result names the inputs that
     changed: notebook, parameters, code, version), then every variant (a run with overrides) apart."""
-    from vlmdefense.runs.profiles import load_profiles
+    from vlmdefense.runs.profiles import notebook_profiles
     from vlmdefense.runs.staleness import available_methods, state_report, variant_reports
 
     root = repo_root()
-    names = profile or list(load_profiles(root))
+    names = profile or list(notebook_profiles(root))
     reports = [state_report(root, method, name) for method in available_methods(root) for name in names]
     variants = variant_reports(root, names)
     if format_ is OutputFormat.json:

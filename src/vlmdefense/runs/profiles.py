@@ -63,6 +63,16 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 NOT_PARAMETERS = ("methods", "executor", "shards")
 
 
+def is_suite_profile(body: dict[str, Any]) -> bool:
+    """A profile with a zero-shot ``suite`` evaluates checkpoints (``vlmdefense evaluate``), not notebooks."""
+    return isinstance(body.get("suite"), dict)
+
+
+def notebook_profiles(root: Path) -> dict[str, dict[str, Any]]:
+    """The profiles reproduction notebooks run under: all but the zero-shot suites."""
+    return {name: body for name, body in load_profiles(root).items() if not is_suite_profile(body)}
+
+
 def method_parameters(profile: dict[str, Any], method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The parameters a method's notebook runs with: profile, then ``methods.<method>``, then overrides
     (the profile's ``executor`` section says where jobs run, not what they compute: it is left out)."""

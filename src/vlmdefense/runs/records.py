@@ -241,7 +241,7 @@ def read_result(path: Path) -> Result:
     return Result.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
-def _json_line(text: str, key: str | int | None) -> int:
+def json_line(text: str, key: str | int | None) -> int:
     """Best-effort line of a key in pretty-printed JSON (1 when unknown)."""
     if isinstance(key, str):
         needle = f'"{key}":'
@@ -273,24 +273,24 @@ def check_result_file(
             field = ".".join(str(p) for p in loc) or "-"
             key = next((p for p in reversed(loc) if isinstance(p, str)), None)
             problems.append(
-                Problem(shown, _json_line(text, key), field, str(error["msg"]).removeprefix("Value error, "))
+                Problem(shown, json_line(text, key), field, str(error["msg"]).removeprefix("Value error, "))
             )
         return problems
     problems = []
     if result.provenance is None:
         problems.append(Problem(shown, 1, "provenance", "provenance missing: a result must say how it was produced"))
     if result.status is RunStatus.OK and result.clean is None:
-        problems.append(Problem(shown, _json_line(text, "status"), "clean", "an ok result needs clean accuracy"))
+        problems.append(Problem(shown, json_line(text, "status"), "clean", "an ok result needs clean accuracy"))
     if known_methods is not None and result.method not in known_methods:
-        problems.append(Problem(shown, _json_line(text, "method"), "method", f"unknown method {result.method!r}"))
+        problems.append(Problem(shown, json_line(text, "method"), "method", f"unknown method {result.method!r}"))
     if known_profiles is not None and result.profile not in known_profiles:
-        problems.append(Problem(shown, _json_line(text, "profile"), "profile", f"unknown profile {result.profile!r}"))
+        problems.append(Problem(shown, json_line(text, "profile"), "profile", f"unknown profile {result.profile!r}"))
     parts = Path(path).resolve().parts
     if len(parts) >= 3 and (parts[-3], parts[-2]) != (result.method, result.profile):
         problems.append(
             Problem(
                 shown,
-                _json_line(text, "method"),
+                json_line(text, "method"),
                 "method",
                 f"file belongs in reproductions/{result.method}/{result.profile}/{RESULT_FILE}",
             )

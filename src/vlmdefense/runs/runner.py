@@ -29,8 +29,9 @@ import nbformat
 
 from vlmdefense.fileio import atomic_write_json
 from vlmdefense.problems import Problem, display_path
+from vlmdefense.runs.checkpoint_records import CHECKPOINTS_DIR, check_checkpoint_file
 from vlmdefense.runs.jupyter import kernel_metadata, runner_kernel
-from vlmdefense.runs.profiles import load_profiles, method_parameters
+from vlmdefense.runs.profiles import is_suite_profile, load_profiles, method_parameters
 from vlmdefense.runs.provenance import now_iso, provenance
 from vlmdefense.runs.records import RESULT_FILE, Result, RunStatus, check_result_file
 from vlmdefense.runs.staleness import (
@@ -128,6 +129,9 @@ def run_one(
     profiles = load_profiles(root)
     if profile not in profiles:
         return RunOutcome(method, profile, "failed", 0.0, f"unknown profile {profile!r}")
+    if is_suite_profile(profiles[profile]):
+        message = f"profile {profile!r} is a zero-shot suite for checkpoints: use vlmdefense evaluate"
+        return RunOutcome(method, profile, "failed", 0.0, message)
     params = method_parameters(profiles[profile], method, overrides)
     inputs = run_inputs(root, method, params)
     target = record_dir(root, method, profile, overrides, canonical)
@@ -259,6 +263,8 @@ def check_results(root: Path, known_methods: set[str]) -> list[Any]:
     problems = []
     for path in result_files(root, variants=False):
         problems += check_result_file(path, known_methods, profiles)
+    for path in sorted((Path(root) / "reproductions" / CHECKPOINTS_DIR).glob(f"*/*/{RESULT_FILE}")):
+        problems += check_checkpoint_file(path)
     for path in variant_result_files(root):
         problems += _check_variant(path, known_methods, profiles)
     return problems

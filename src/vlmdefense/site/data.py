@@ -9,7 +9,7 @@ from typing import Any
 from vlmdefense.catalog.schema import Entry, Paradigm
 from vlmdefense.catalog.validation import Catalog, load_catalog
 from vlmdefense.problems import Problem, ProblemsError
-from vlmdefense.runs.profiles import load_profiles
+from vlmdefense.runs.profiles import notebook_profiles
 from vlmdefense.runs.records import Result, RunStatus, check_result_file, result_path
 from vlmdefense.units import Epsilon
 from vlmdefense.workbench.report import headline_numbers
@@ -82,9 +82,9 @@ def headline_eps(result: Result | None) -> Epsilon | None:
 
 
 def site_profiles(root: Path) -> dict[str, dict[str, Any]]:
-    """Profiles shown on the site: all of ``reproductions/profiles.yaml`` but the ``fast`` ones (their
-    numbers are not meaningful)."""
-    return {name: body for name, body in load_profiles(root).items() if not body.get("fast")}
+    """Profiles of the reproductions shown on the site: all of ``reproductions/profiles.yaml`` but the ``fast``
+    ones (their numbers are not meaningful) and the zero-shot suites (the leaderboard shows those)."""
+    return {name: body for name, body in notebook_profiles(root).items() if not body.get("fast")}
 
 
 def collect(root: Path, catalog_dir: Path | None = None) -> SiteData:

@@ -182,7 +182,56 @@ class APGD:
         return (images + delta).clamp(0, 1).detach()
 
 
-Attack = PGD | APGD
+@dataclass
+class APGDT:
+    """Targeted APGD with the DLR loss (Croce & Hein, 2020), through torchattacks' implementation: one run per
+    target class, the ``n_targets`` classes the model ranks highest after the true one (AutoAttack: 9).
+
+    Args:
+        eps: budget; steps: iterations per target; norm: ``linf`` or ``l2``; eot_samples: EOT draws per step;
+        n_targets: target classes tried (fewer when the task has fewer classes); seed: torchattacks' seed.
+    """
+
+    eps: float
+    steps: int = 100
+    norm: NormName = "linf"
+    eot_samples: int = 1
+    n_targets: int = 9
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """E.g. ``APGD-T-100``."""
+        base = f"APGD-T-{self.steps}" if self.norm == "linf" else f"APGD-T-L2-{self.steps}"
+        return base + (f"+EOT-{self.eot_samples}" if self.eot_samples > 1 else "")
+
+    def __call__(self, model: Predictor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        import torchattacks
+
+        images = images.detach()
+        if self.eps == 0 or self.steps == 0 or len(images) == 0:
+            return images.clone()
+        with torch.no_grad():
+            classes = int(model(images[:1]).shape[-1])
+        if classes < 3:  # the DLR loss compares the three largest logits: a binary task has no target to try
+            return images.clone()
+        wrapped = _CallableModule(model, images.device)
+        attack = torchattacks.APGDT(
+            wrapped,
+            norm="Linf" if self.norm == "linf" else "L2",
+            eps=self.eps,
+            steps=self.steps,
+            n_restarts=1,
+            seed=self.seed,
+            eot_iter=self.eot_samples,
+            n_classes=min(self.n_targets, classes - 1) + 1,
+        )
+        adversarial = attack(images, labels)
+        delta = project(adversarial - images, self.eps, self.norm)
+        return (images + delta).clamp(0, 1).detach()
+
+
+Attack = PGD | APGD | APGDT
 
 
 @dataclass
@@ -233,7 +282,7 @@ def bpda(fn: Predictor) -> Predictor:
 
 
 def make_attack(name: str, eps: float, steps: int, norm: NormName = "linf", eot_samples: int = 1) -> Attack:
-    """An attack by name: ``pgd`` or ``apgd``.
+    """An attack by name: ``pgd``, ``apgd`` (``apgd-ce``) or ``apgd-t``.
 
     Raises:
         ValueError: unknown name.
@@ -243,4 +292,6 @@ def make_attack(name: str, eps: float, steps: int, norm: NormName = "linf", eot_
         return PGD(eps=eps, steps=steps, norm=norm, eot_samples=eot_samples)
     if key in {"apgd", "apgd-ce"}:
         return APGD(eps=eps, steps=steps, norm=norm, eot_samples=eot_samples)
-    raise ValueError(f"unknown attack {name!r}: use 'pgd' or 'apgd'")
+    if key == "apgd-t":
+        return APGDT(eps=eps, steps=steps, norm=norm, eot_samples=eot_samples)
+    raise ValueError(f"unknown attack {name!r}: use 'pgd', 'apgd' (or 'apgd-ce') or 'apgd-t'")

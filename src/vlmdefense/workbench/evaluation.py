@@ -87,16 +87,18 @@ def split_accuracy(
     seen_classes: Sequence[int],
     transfer_correct: torch.Tensor | None = None,
 ) -> Accuracy:
-    """Accuracies (percent, two decimals; ``None`` for an empty split) from per-image correctness."""
+    """Accuracies (percent, two decimals) from per-image correctness. A split without images is absent
+    (``None``), and so are seen and unseen when there are no seen classes (a zero-shot suite's datasets)."""
     mask = seen_mask(labels, tuple(seen_classes))
+    split = bool(seen_classes)
 
     def pct(values: torch.Tensor) -> float | None:
         return round(100.0 * values.float().mean().item(), 2) if values.numel() else None
 
     return Accuracy(
         all=pct(correct),
-        seen=pct(correct[mask]),
-        unseen=pct(correct[~mask]),
+        seen=pct(correct[mask]) if split else None,
+        unseen=pct(correct[~mask]) if split else None,
         transfer=None if transfer_correct is None else pct(transfer_correct),
     )
 

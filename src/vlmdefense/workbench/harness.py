@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from vlmdefense.defenses.base import Defense
 from vlmdefense.fileio import atomic_write_json
 from vlmdefense.runs.provenance import provenance
 from vlmdefense.runs.records import (
+    Accuracy,
+    Audit,
     Cost,
     DatasetInfo,
     Headline,
@@ -27,6 +30,7 @@ from vlmdefense.runs.records import (
     ModelRef,
     PromptRecord,
     Result,
+    RobustEntry,
     RunStatus,
 )
 from vlmdefense.workbench.audit import run_audit
@@ -48,13 +52,22 @@ def _reported(method: str, root: Path) -> list[Reported]:
     return list(catalog.items[method].entry.reported)
 
 
-def evaluate(ctx: Context, defense: Defense) -> Result:
-    """Clean and robust accuracy, cost, the evaluation audit (unless the profile sets ``audit: false``) and
-    provenance of a fitted defense, as a result record. The headline's worst case is the lowest robust
-    accuracy at the headline ε over every recorded attack and every audit check."""
+@dataclass(frozen=True)
+class Measurement:
+    """What an evaluation measured: clean accuracy, every attack row, the audit and the headline."""
+
+    clean: Accuracy
+    rows: list[RobustEntry]
+    audit: Audit | None
+    headline: Headline
+
+
+def measure(ctx: Context, defense: Defense) -> Measurement:
+    """Clean and robust accuracy and the evaluation audit (unless the profile sets ``audit: false``) of a fitted
+    defense on ``ctx``'s sets. The headline's worst case is the lowest robust accuracy at the headline ε over
+    every recorded attack and every audit check."""
     clean = clean_accuracy(defense.predict, ctx.sets, ctx.params["batch_size"])
     rows = robustness(ctx, defense)
-    timing = time_inference(defense.predict, ctx.sets.test.images, defense.counter, ctx.params["batch_size"])
     audit = None if ctx.params.get("audit") is False else run_audit(ctx, defense, clean, rows)
     at_headline = [r for r in rows if abs(r.eps.value - ctx.headline.value) < 1e-12]
     headline = Headline(
@@ -65,6 +78,14 @@ def evaluate(ctx: Context, defense: Defense) -> Result:
     )
     if audit is not None:
         headline = lowered_headline(headline, audit.checks, final_adaptive=defense.kind != "static")
+    return Measurement(clean, rows, audit, headline)
+
+
+def evaluate(ctx: Context, defense: Defense) -> Result:
+    """Clean and robust accuracy, cost, the evaluation audit and provenance of a fitted defense, as a result
+    record (see :func:`measure`)."""
+    measured = measure(ctx, defense)
+    timing = time_inference(defense.predict, ctx.sets.test.images, defense.counter, ctx.params["batch_size"])
     model = ctx.params["model"]
     return Result(
         method=ctx.method,
@@ -83,18 +104,18 @@ def evaluate(ctx: Context, defense: Defense) -> Result:
             transfer_images=len(ctx.sets.transfer) if ctx.sets.transfer else 0,
             seen_classes=list(ctx.prompts.seen_classes),
         ),
-        clean=clean,
-        robust=rows,
+        clean=measured.clean,
+        robust=measured.rows,
         cost=Cost(
             train_seconds=round(ctx.train_seconds, 2),
             inference_seconds_per_image=round(timing.seconds_per_image, 6),
             forward_passes=round(timing.forward_passes, 2),
             backward_passes=round(timing.backward_passes, 2),
         ),
-        headline=headline,
+        headline=measured.headline,
         reported=_reported(ctx.method, ctx.root),
         findings=ctx.findings,
-        audit=audit,
+        audit=measured.audit,
         provenance=provenance(
             ctx.root,
             ctx.device,
