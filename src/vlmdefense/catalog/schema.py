@@ -184,6 +184,11 @@ class Checkpoint(StrictModel):
         description="open_clip model id for the weights, e.g. hf-hub:owner/name, when open_clip can load them",
     )
     source: Url = Field(description="the page that states the release (README, paper, model card)")
+    reported_as: Text | None = Field(
+        None,
+        description="the `model` of this entry's reported rows that these weights produced, so that the leaderboard "
+        "puts the paper's numbers beside an evaluation of them",
+    )
 
 
 class Reproduction(StrictModel):
@@ -246,6 +251,17 @@ class Entry(StrictModel):
                 "no reported numbers: add a row to 'reported' (the paper's table, with its setting) or say why "
                 "there is none in 'not_reported_reason'"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoints_name_reported_models(self) -> Entry:
+        models = {r.model for r in self.reported}
+        for checkpoint in self.checkpoints:
+            if checkpoint.reported_as is not None and checkpoint.reported_as not in models:
+                raise ValueError(
+                    f"checkpoint {checkpoint.url}: reported_as {checkpoint.reported_as!r} is not the model of any "
+                    f"reported row (one of: {', '.join(sorted(models)) or 'none'})"
+                )
         return self
 
     @property

@@ -21,6 +21,7 @@ from typing import Any
 from vlmdefense.site.compare import compare_page
 from vlmdefense.site.data import BASELINE, SiteError, collect
 from vlmdefense.site.home import home
+from vlmdefense.site.leaderboard import LEADERBOARD_PAGE, leaderboard_page
 from vlmdefense.site.method import method_pages
 from vlmdefense.site.render import Writer
 from vlmdefense.site.results import results_page
@@ -70,6 +71,7 @@ def generate(root: Path, out: Path, catalog_dir: Path | None = None) -> Generate
     methods_nav = method_pages(data, w)
     compare_page(data, w)
     results_page(data, w)
+    leaderboard_page(data, w)
     for profile, notebook in data.notebooks.get(BASELINE, {}).items():
         w.copy(f"{BASELINE}/{profile}.ipynb", notebook)
     schema_page(w)
@@ -81,6 +83,7 @@ def generate(root: Path, out: Path, catalog_dir: Path | None = None) -> Generate
         {"Methods": methods_nav},
         {"Compare": "compare.md"},
         {"Results": "results.md"},
+        {"Leaderboard": LEADERBOARD_PAGE},
         {"Contributing": [{"How to add a method": "contributing.md"}, {"Schema reference": "schema.md"}]},
     ]
     logger.info("generated %d files for %d methods", len(w.files), len(data.entries))

@@ -9,7 +9,8 @@ from typing import Any
 from vlmdefense.catalog.schema import Entry, Paradigm
 from vlmdefense.catalog.validation import Catalog, load_catalog
 from vlmdefense.problems import Problem, ProblemsError
-from vlmdefense.runs.profiles import notebook_profiles
+from vlmdefense.runs.checkpoint_records import CHECKPOINTS_DIR, CheckpointResult, check_checkpoint_file
+from vlmdefense.runs.profiles import is_suite_profile, load_profiles, notebook_profiles
 from vlmdefense.runs.records import Result, RunStatus, check_result_file, result_path
 from vlmdefense.units import Epsilon
 from vlmdefense.workbench.report import headline_numbers
@@ -33,6 +34,8 @@ class SiteData:
     profiles: dict[str, dict[str, Any]]
     results: dict[str, dict[str, Result]] = field(default_factory=dict)
     notebooks: dict[str, dict[str, Path]] = field(default_factory=dict)
+    suite_profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checkpoints: list[CheckpointResult] = field(default_factory=list)
 
     @property
     def entries(self) -> list[Entry]:
@@ -100,10 +103,16 @@ def collect(root: Path, catalog_dir: Path | None = None) -> SiteData:
         raise SiteError("the catalog is invalid (run `vlmdefense validate`):\n" + "\n".join(map(str, problems)))
     try:
         profiles = site_profiles(root)
+        suites = {name: body for name, body in load_profiles(root).items() if is_suite_profile(body)}
     except ProblemsError as exc:
         raise SiteError(str(exc)) from exc
-    data = SiteData(root=root, catalog=catalog, profiles=profiles)
+    data = SiteData(root=root, catalog=catalog, profiles=profiles, suite_profiles=suites)
     bad: list[Problem] = []
+    for path in sorted((root / "reproductions" / CHECKPOINTS_DIR).glob("*/*/result.json")):
+        found = check_checkpoint_file(path)
+        bad += found
+        if not found:
+            data.checkpoints.append(CheckpointResult.model_validate_json(path.read_text("utf-8")))
     for method in [BASELINE, *catalog.items]:
         for profile in profiles:
             path = result_path(root, method, profile)

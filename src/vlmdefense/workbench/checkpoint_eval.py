@@ -133,8 +133,8 @@ def load_visual_weights(clip: LoadedClip, path: Path) -> None:
 
 
 def matching_entry(root: Path, spec: CheckpointSpec) -> tuple[str | None, list[Reported]]:
-    """The catalog entry whose released checkpoints include these weights (hub name or file name), and its
-    reported numbers."""
+    """The catalog entry whose released checkpoints include these weights (hub name or file name), and the
+    reported numbers of those weights (the rows whose ``model`` is the checkpoint's ``reported_as``)."""
     from vlmdefense.catalog.validation import load_catalog
 
     catalog, _ = load_catalog(root / "catalog")
@@ -147,7 +147,8 @@ def matching_entry(root: Path, spec: CheckpointSpec) -> tuple[str | None, list[R
             keys = {checkpoint.hub_id} if checkpoint.hub_id else set()
             keys.add(str(checkpoint.url).rstrip("/").rsplit("/", 1)[-1])
             if names & keys:
-                return entry_id, list(item.entry.reported)
+                rows = [r for r in item.entry.reported if checkpoint.reported_as and r.model == checkpoint.reported_as]
+                return entry_id, rows
     return None, []
 
 
