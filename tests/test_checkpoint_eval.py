@@ -1,6 +1,6 @@
-"""The zero-shot suite and checkpoint evaluation, on local files only: tiny datasets in two formats that
-clip_benchmark reads (an ImageFolder tree as ImageNet-R ships, torchvision's EuroSAT layout) and a small CLIP with
-random weights saved to disk, through the same code path a GPU user runs (``vlmdefense evaluate``)."""
+"""The zero-shot suite and checkpoint evaluation, on local files only: tiny datasets in three formats that
+clip_benchmark reads (an ImageFolder tree as ImageNet-R ships, torchvision's EuroSAT and DTD layouts) and a small
+CLIP with random weights saved to disk, through the same code path a GPU user runs (``vlmdefense evaluate``)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from vlmdefense.workbench.suite import SuiteSpec, load_suite_dataset, sample_ind
 PROFILE = {
     "device": "cpu",
     "model": {"name": SMALL_CLIP, "pretrained": None},
-    "suite": {"datasets": ["imagenet-r", "eurosat"], "n_per_dataset": 6, "split": "test", "data_root": "data"},
+    "suite": {"datasets": ["dtd", "eurosat"], "n_per_dataset": 6, "split": "test", "data_root": "data"},
     "eps": ["4/255", "8/255"],
     "headline_eps": "8/255",
     "attacks": [{"name": "apgd-ce", "steps": 2}, {"name": "apgd-t", "steps": 2}],
@@ -57,6 +57,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_images(root / "data" / "imagenet-r" / wnid, 4, seed=i)
     for i, name in enumerate(("AnnualCrop", "Forest", "River")):
         _write_images(root / "data" / "eurosat" / "eurosat" / "2750" / name, 3, seed=10 + i)
+    textures = root / "data" / "dtd" / "dtd" / "dtd"  # torchvision reads <root>/dtd/dtd; the root is data/dtd
+    for i, name in enumerate(("banded", "blotchy", "braided")):
+        _write_images(textures / "images" / name, 3, seed=20 + i)
+    (textures / "labels").mkdir()
+    listed = [f"{name}/{k}.jpg" for name in ("banded", "blotchy", "braided") for k in range(3)]
+    (textures / "labels" / "test1.txt").write_text("\n".join(listed[:8]) + "\n")  # one image left out of the split
     return root
 
 
@@ -93,12 +99,15 @@ def test_suite_datasets_load_with_clip_benchmark_names_and_templates(repo: Path)
     satellite = load_suite_dataset("eurosat", spec, image_size=16)
     assert satellite.size == 9 and len(satellite.prompts.classnames) == 10
     assert sorted(set(satellite.images.labels.tolist())) == [0, 1, 2]
+    textures = load_suite_dataset("dtd", spec, image_size=16)
+    assert textures.size == 8  # the split file lists 8 of the 9 images
+    assert textures.prompts.classnames == ("banded", "blotchy", "braided")  # DTD names its classes by folder
 
 
 def test_missing_dataset_names_its_folder(repo: Path) -> None:
-    spec = SuiteSpec.from_params({**PROFILE, "suite": {"datasets": ["dtd"]}}, repo)
-    with pytest.raises(FileNotFoundError, match=r"'dtd' not found: expected it under .*data/dtd"):
-        load_suite_dataset("dtd", spec, image_size=16)
+    spec = SuiteSpec.from_params({**PROFILE, "suite": {"datasets": ["pets"]}}, repo)
+    with pytest.raises(FileNotFoundError, match=r"'pets' not found: expected it under .*data/pets"):
+        load_suite_dataset("pets", spec, image_size=16)
     with pytest.raises(ValueError, match="no zero-shot suite"):
         SuiteSpec.from_params({"eps": ["1/255"]}, repo)
 
@@ -145,7 +154,7 @@ def test_evaluate_command_writes_a_checkpoint_record(
     result = read_checkpoint_result(path)
     assert result.weights.pretrained == weights.name
     assert result.weights.sha256 == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
-    assert [d.dataset for d in result.datasets] == ["imagenet-r", "eurosat"]
+    assert [d.dataset for d in result.datasets] == ["dtd", "eurosat"]
     for score in result.datasets:
         assert score.images == 6 and set(score.worst) == {"4/255", "8/255"}
         assert score.clean is not None

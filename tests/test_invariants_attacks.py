@@ -20,6 +20,7 @@ from torch import nn
 
 from vlmdefense.workbench.attacks import (
     APGD,
+    APGDT,
     PGD,
     WorstCase,
     bpda,
@@ -173,6 +174,19 @@ def test_apgd_and_worst_case_stay_in_the_ball_and_the_pixel_range(seed: int, eps
     check_budget(apgd(model, images, labels), images, eps, norm)
     worst = WorstCase([PGD(eps=eps, steps=2, norm=norm), apgd])  # type: ignore[arg-type]
     check_budget(worst(model, images, labels), images, eps, norm)
+    targeted = APGDT(eps=eps, steps=3, norm=norm, seed=seed)  # type: ignore[arg-type]
+    check_budget(targeted(model, images, labels), images, eps, norm)
+
+
+def test_apgd_t_fools_a_linear_model_and_skips_tasks_under_four_classes() -> None:
+    model = linear_model(0)
+    images, labels = random_batch(1, n=32)
+    labels = model(images).argmax(-1)  # every image starts correctly classified
+    adversarial = APGDT(eps=0.5, steps=10)(model, images, labels)
+    assert float((model(adversarial).argmax(-1) == labels).float().mean()) < 0.5
+    torch.manual_seed(0)
+    three = nn.Sequential(nn.Flatten(), nn.Linear(48, 3)).requires_grad_(False)
+    assert torch.equal(APGDT(eps=0.5, steps=10)(three, images, labels % 3), images)  # the DLR loss needs four
 
 
 @pytest.mark.parametrize(
@@ -183,6 +197,8 @@ def test_apgd_and_worst_case_stay_in_the_ball_and_the_pixel_range(seed: int, eps
         PGD(eps=0.3, steps=0),
         APGD(eps=0.0, steps=3),
         APGD(eps=0.3, steps=0),
+        APGDT(eps=0.0, steps=3),
+        APGDT(eps=0.3, steps=0),
         WorstCase([PGD(eps=0.0, steps=3), APGD(eps=0.0, steps=3)]),
     ],
 )
@@ -224,7 +240,10 @@ def test_pgd_defaults_and_names() -> None:
     assert PGD(eps=0.1, steps=4, norm="l2", eot_samples=2).name == "PGD-L2-4+EOT-2"
     assert APGD(eps=0.1, steps=4, norm="l2", eot_samples=3).name == "APGD-CE-L2-4+EOT-3"
     assert APGD(eps=0.1, steps=4).name == "APGD-CE-4"
-    for name, cls in (("PGD", PGD), ("apgd-ce", APGD), ("APGD", APGD)):
+    assert (
+        APGDT(eps=0.1, steps=4).name == "APGD-T-4" and APGDT(eps=0.1, steps=4, eot_samples=2).name == "APGD-T-4+EOT-2"
+    )
+    for name, cls in (("PGD", PGD), ("apgd-ce", APGD), ("APGD", APGD), ("apgd-t", APGDT)):
         attack = make_attack(name, 0.1, 3, "l2", 2)
         assert isinstance(attack, cls)
         assert (attack.eps, attack.steps, attack.norm, attack.eot_samples) == (0.1, 3, "l2", 2)

@@ -213,7 +213,7 @@ class APGDT:
             return images.clone()
         with torch.no_grad():
             classes = int(model(images[:1]).shape[-1])
-        if classes < 3:  # the DLR loss compares the three largest logits: a binary task has no target to try
+        if classes < 4:  # the targeted DLR loss reads the four largest logits (AutoAttack skips it below that)
             return images.clone()
         wrapped = _CallableModule(model, images.device)
         attack = torchattacks.APGDT(
