@@ -1,0 +1,122 @@
+"""Training-free input and feature purification: JPEG re-compression (with its differentiable
+approximation), DBD and COLA, on the quick profile's scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmdefense.defenses.training_free.differentiable_jpeg import (
+    CHROMA_TABLE,
+    LUMA_TABLE,
+    DifferentiableJPEG,
+    cubic_round,
+    dct_matrix,
+    hard_round,
+    pillow_jpeg,
+    pillow_tables,
+    quality_table,
+)
+from vlmdefense.defenses.training_free.jpeg_compression import JPEGCompression, approximation_bpda
+from vlmdefense.workbench import harness
+
+N = 12
+
+
+@pytest.fixture(scope="session")
+def ctx() -> harness.Context:
+    return harness.setup("jpeg-compression", "quick")
+
+
+@pytest.fixture(scope="session")
+def batch(ctx: harness.Context) -> tuple[torch.Tensor, torch.Tensor]:
+    return ctx.sets.test.images[:N], ctx.sets.test.labels[:N]
+
+
+@pytest.fixture(scope="session")
+def jpeg(ctx: harness.Context) -> JPEGCompression:
+    defense = JPEGCompression.from_params(ctx.params)
+    harness.fit(ctx, defense)
+    assert isinstance(defense, JPEGCompression)
+    return defense
+
+
+# ---- JPEG ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quality", [10, 50, 75, 95])
+def test_quantisation_tables_are_the_ones_pillow_writes(quality: int) -> None:
+    tables = pillow_tables(quality)
+    assert tables[0] == [int(v) for v in quality_table(LUMA_TABLE, quality).flatten()]
+    assert tables[1] == [int(v) for v in quality_table(CHROMA_TABLE, quality).flatten()]
+
+
+def test_dct_is_orthonormal_and_cubic_round_is_close_with_a_slope() -> None:
+    d = dct_matrix()
+    assert torch.allclose(d @ d.T, torch.eye(8), atol=1e-6)
+    x = torch.linspace(-3, 3, 601, requires_grad=True)
+    y = cubic_round(x)
+    assert (y - torch.round(x)).abs().max() <= 0.125 + 1e-6
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert (grad > 0).float().mean() > 0.9 and grad.max() <= 0.75 + 1e-5
+
+
+def test_jpeg_path_quantises_with_the_real_codec(
+    jpeg: JPEGCompression, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, _ = batch
+    compressed = jpeg.compress(x)
+    assert compressed.shape == x.shape and not torch.allclose(compressed, x, atol=1 / 255)
+    assert torch.equal(compressed, pillow_jpeg(x, 75))
+    # idempotent up to the codec's rounding: a decoded JPEG re-encodes to (nearly) itself
+    assert (pillow_jpeg(compressed, 75) - compressed).abs().mean() < (compressed - x).abs().mean()
+    # lower quality removes more
+    assert (pillow_jpeg(x, 10) - x).abs().mean() > (compressed - x).abs().mean()
+    with torch.no_grad():
+        assert torch.allclose(jpeg.predict(x), jpeg._base()(pillow_jpeg(x, 75)))
+
+
+def test_approximation_is_close_to_the_codec(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, _ = batch
+    noisy = (x + torch.empty_like(x).uniform_(-8 / 255, 8 / 255, generator=torch.Generator().manual_seed(0))).clamp(
+        0, 1
+    )
+    for images in (x, noisy, torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))):
+        real = pillow_jpeg(images, 75)
+        change = (real - images).abs().mean()
+        for rounding in (hard_round, cubic_round):
+            gap = (DifferentiableJPEG(75, rounding)(images) - real).abs().mean()
+            assert gap < 0.2 * change, (rounding.__name__, float(gap * 255), float(change * 255))
+
+
+def test_bpda_surfaces_forward_the_codec_and_pass_gradients(
+    jpeg: JPEGCompression, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    with torch.no_grad():
+        defended = jpeg.predict(x)
+    grads = {}
+    for name, surface in jpeg.surfaces().items():
+        x_ = x.clone().requires_grad_(True)
+        logits = surface(x_)
+        assert torch.allclose(logits, defended, atol=1e-4), name
+        (grads[name],) = torch.autograd.grad(F.cross_entropy(logits, y), x_)
+        assert torch.isfinite(grads[name]).all() and grads[name].abs().sum() > 0
+    # the identity surface's gradient is the base model's gradient at the compressed image
+    c = jpeg.compress(x).requires_grad_(True)
+    (at_compressed,) = torch.autograd.grad(F.cross_entropy(jpeg._base()(c), y), c)
+    assert torch.allclose(grads["bpda-identity"], at_compressed, atol=1e-6)
+    assert not torch.allclose(grads["bpda-approx"], grads["bpda-identity"], atol=1e-6)
+    # BPDA with an approximation: its gradient is the approximation's own
+    approx = DifferentiableJPEG(75)
+    x_ = x.clone().requires_grad_(True)
+    (via_bpda,) = torch.autograd.grad(approximation_bpda(jpeg.compress, approx)(x_).sum(), x_)
+    x_ = x.clone().requires_grad_(True)
+    (direct,) = torch.autograd.grad(approx(x_).sum(), x_)
+    assert torch.allclose(via_bpda, direct)
+    assert (
+        jpeg.attack_surface is not None and JPEGCompression.from_params({"bpda": "identity"}).config.bpda == "identity"
+    )
+    with pytest.raises(ValueError):
+        JPEGCompression.from_params({"bpda": "none"})
