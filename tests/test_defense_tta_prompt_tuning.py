@@ -1,0 +1,102 @@
+"""Test-time prompt tuning defenses built on the shared hooks (TPT)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmdefense.defenses.test_time_adaptation.prompt_tuning import adamw_first_step
+from vlmdefense.defenses.test_time_adaptation.tpt import TPT
+from vlmdefense.defenses.test_time_adaptation.views import entropy, marginal_entropy
+from vlmdefense.workbench import harness
+
+
+@pytest.fixture(scope="session")
+def quick():
+    """The quick profile's context, its first six test images and their labels."""
+    ctx = harness.setup("tpt", "quick")
+    return ctx, ctx.sets.test.images[:6], ctx.sets.test.labels[:6]
+
+
+def _weights(ctx) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in ctx.base.state_dict().values()]
+
+
+def _same(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# ---- the shared pieces ---------------------------------------------------------------------------------
+
+
+def test_adamw_first_step_matches_torch():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(3, 7))
+    grad = torch.randn(3, 7)
+    start = param.detach().clone()
+    optimizer = torch.optim.AdamW([param], lr=5e-3, weight_decay=0.01)
+    param.grad = grad.clone()
+    optimizer.step()
+    assert torch.allclose(param.detach(), adamw_first_step(start, grad, 5e-3, 0.01), atol=1e-7)
+
+
+# ---- TPT -----------------------------------------------------------------------------------------------
+
+
+def test_tpt_objective_is_the_marginal_entropy():
+    # two confident views that disagree: low pointwise entropy, high marginal entropy
+    logits = torch.tensor([[[8.0, 0.0, 0.0], [0.0, 8.0, 0.0]]])
+    loss = TPT().objective(logits, None)
+    assert torch.allclose(loss, marginal_entropy(logits))
+    assert float(loss) > float(entropy(logits).mean()) + 0.5
+
+
+def test_tpt_step_lowers_the_marginal_entropy_and_keeps_the_weights(quick):
+    ctx, images, labels = quick
+    state = _weights(ctx)
+    defense = TPT.from_params({"n_views": 6, "selection": 0.5, "lr": 0.05})
+    defense.fit(ctx.fit_data())
+    torch.manual_seed(0)
+    before, after = defense.objective_change(images)
+    assert (after < before).all()
+    out = defense.predict(images)
+    x = images.clone().requires_grad_(True)
+    F.cross_entropy(defense.attack_surface()(x), labels).backward()
+    assert out.shape == (6, 10) and x.grad is not None and x.grad.abs().sum() > 0
+    assert _same(state, _weights(ctx))  # both encoders bit-identical
+    assert all(p.grad is None for p in ctx.clip.model.parameters())
+
+
+def test_tpt_classifies_the_unaugmented_image_with_the_tuned_prompt(quick):
+    ctx, images, _ = quick
+    defense = TPT.from_params({"n_views": 6, "selection": 0.5, "steps": 0})
+    defense.fit(ctx.fit_data())
+    assert defense.learner is not None
+    with torch.no_grad():
+        zero_shot = defense._base().logit_scale * defense._base().embed(images) @ defense.learner().T
+    assert torch.allclose(defense.predict(images), zero_shot, atol=1e-4)  # no step: the template prompt
+    defense.config.steps = 1
+    torch.manual_seed(3)
+    out = defense.run(images)
+    assert torch.equal(out.weights[:, 0], torch.ones(6)) and out.weights[:, 1:].abs().sum() == 0
+    with torch.no_grad():
+        text = defense.learner(out.ctx, per_image=True)
+        expected = defense._base().logit_scale * torch.einsum("bd,bcd->bc", defense._base().embed(images), text)
+    assert torch.allclose(out.logits, expected, atol=1e-4)
+    assert not torch.allclose(out.ctx[0], defense.learner.ctx_init)  # the prompt moved
+
+
+def test_tpt_unrolled_attack_follows_the_step(quick):
+    """Differentiating through the AdamW step gives (almost) BPDA's gradient: the step is a sign."""
+    ctx, images, labels = quick
+    defense = TPT.from_params({"n_views": 4, "selection": 0.5})
+    defense.fit(ctx.fit_data())
+    grads = []
+    for unrolled in (False, True):
+        x = images.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        F.cross_entropy(defense.run(x, with_graph=True, unrolled=unrolled).logits, labels).backward()
+        assert x.grad is not None
+        grads.append(x.grad.flatten())
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
