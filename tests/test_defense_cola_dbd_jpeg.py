@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlmdefense.defenses.training_free.dbd import DBD
 from vlmdefense.defenses.training_free.differentiable_jpeg import (
     CHROMA_TABLE,
     LUMA_TABLE,
@@ -120,3 +121,69 @@ def test_bpda_surfaces_forward_the_codec_and_pass_gradients(
     )
     with pytest.raises(ValueError):
         JPEGCompression.from_params({"bpda": "none"})
+
+
+# ---- DBD -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dbd(ctx: harness.Context) -> DBD:
+    defense = DBD.from_params({**ctx.params, "fast": True})
+    harness.fit(ctx, defense)
+    assert isinstance(defense, DBD)
+    return defense
+
+
+def test_dbd_copies_forward_the_real_operations(dbd: DBD, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, _ = batch
+    x8 = (x * 255).round() / 255
+    views = dbd.views(x)
+    cfg = dbd.config
+    assert views.shape == (1 + dbd.n_views, *x.shape) and dbd.n_views == cfg.n_crops + 3 + 3 + cfg.n_noise + 3
+    assert torch.equal(views[0], x8)
+    on_grid = (views * 255 - (views * 255).round()).abs().max()
+    assert on_grid < 1e-4  # every copy is an 8-bit image
+    start = 1 + cfg.n_crops
+    levels = (views[start : start + 3] * 255).round()
+    assert ((levels % 32 == 0) | (levels == 255)).all()  # 3 bits: multiples of 32 (ceil clipped at 255)
+    jpeg_start = start + 3
+    for i, q in enumerate(dbd.qualities):
+        assert torch.allclose(views[jpeg_start + i], pillow_jpeg(x8, q), atol=1e-6)
+    median = views[-3]
+    padded = F.pad(x8, (1, 1, 1, 1), mode="replicate")
+    direct = F.unfold(padded, 3).view(len(x), 3, 9, 16, 16).median(dim=2).values
+    assert torch.allclose(median, direct)
+
+
+def test_dbd_correction_and_gate(dbd: DBD) -> None:
+    torch.manual_seed(0)
+    v, n, d, k = 1 + dbd.n_views, 3, 64, 10
+    embeddings = F.normalize(torch.randn(v, n, d), dim=-1)
+    logits = torch.randn(v, n, k)
+    # image 0: every copy shifted the same way -> DB-score 1 -> amplified; image 1: independent shifts
+    shift = torch.zeros(d)
+    shift[0] = 0.3
+    embeddings[1:, 0] = embeddings[0, 0] + shift
+    embeddings[1:, 1] = embeddings[0, 1] + 0.1 * torch.randn(v - 1, d)
+    corrected, score = dbd.correct(embeddings, logits)
+    assert score[0] == pytest.approx(1.0, abs=1e-5) and score[1] < dbd.config.threshold
+    assert torch.allclose(corrected[0], embeddings[0, 0] + dbd.config.alpha * shift, atol=1e-5)
+    entropy = -(logits[1:].softmax(-1) * logits[1:].log_softmax(-1)).sum(-1)
+    picked = entropy[:, 1].argsort()[: dbd.config.keep] + 1
+    expected = embeddings[0, 1] + (embeddings[picked, 1] - embeddings[0, 1]).mean(0)
+    assert torch.allclose(corrected[1], expected, atol=1e-5)
+
+
+def test_dbd_predicts_randomly_and_its_surface_has_gradients(
+    dbd: DBD, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    dbd.counter.forward = dbd.counter.backward = dbd.counter.images = 0
+    with torch.no_grad():
+        first, second = dbd.predict(x), dbd.predict(x)
+    assert first.shape == (N, 10) and not torch.equal(first, second)  # fresh crops and noise per call
+    assert dbd.counter.per_image() == (1 + dbd.n_views, 0)
+    x_ = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(dbd.attack_surface()(x_), y), x_)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert DBD.randomized and DBD.kind == "inference"
