@@ -3,11 +3,15 @@ approximation), DBD and COLA, on the quick profile's scale."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmdefense.defenses.training_free.dbd import DBD
+from vlmdefense.defenses.training_free.cola import COLA, COLAConfig, sinkhorn_cost, text_subspace
+from vlmdefense.defenses.training_free.common import TrainingFreeDefense
+from vlmdefense.defenses.training_free.dbd import DBD, to_8bit
 from vlmdefense.defenses.training_free.differentiable_jpeg import (
     CHROMA_TABLE,
     LUMA_TABLE,
@@ -23,6 +27,7 @@ from vlmdefense.defenses.training_free.jpeg_compression import JPEGCompression, 
 from vlmdefense.workbench import harness
 
 N = 12
+T = TypeVar("T", bound=TrainingFreeDefense)
 
 
 @pytest.fixture(scope="session")
@@ -126,12 +131,17 @@ def test_bpda_surfaces_forward_the_codec_and_pass_gradients(
 # ---- DBD -------------------------------------------------------------------------------------------
 
 
+def fitted_fast(ctx: harness.Context, cls: type[T]) -> T:
+    """``cls`` with its quick-profile budget, fitted on ``ctx``."""
+    defense = cls.from_params({**ctx.params, "fast": True})
+    harness.fit(ctx, defense)
+    assert isinstance(defense, cls)
+    return defense
+
+
 @pytest.fixture(scope="session")
 def dbd(ctx: harness.Context) -> DBD:
-    defense = DBD.from_params({**ctx.params, "fast": True})
-    harness.fit(ctx, defense)
-    assert isinstance(defense, DBD)
-    return defense
+    return fitted_fast(ctx, DBD)
 
 
 def test_dbd_copies_forward_the_real_operations(dbd: DBD, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -187,3 +197,64 @@ def test_dbd_predicts_randomly_and_its_surface_has_gradients(
     (grad,) = torch.autograd.grad(F.cross_entropy(dbd.attack_surface()(x_), y), x_)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert DBD.randomized and DBD.kind == "inference"
+
+
+# ---- COLA ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cola(ctx: harness.Context) -> COLA:
+    return fitted_fast(ctx, COLA)
+
+
+def test_cola_projection_onto_the_text_span(cola: COLA, ctx: harness.Context) -> None:
+    assert cola.basis is not None and cola.prompt_embeddings is not None
+    u = cola.basis
+    assert u.shape == (ctx.base.text_weights.shape[1], 10)
+    assert torch.allclose(u.T @ u, torch.eye(10), atol=1e-5)
+    # class embeddings lie in the subspace: projecting them changes nothing
+    assert torch.allclose(cola.project(ctx.base.text_weights), ctx.base.text_weights, atol=1e-5)
+    e = F.normalize(torch.randn(5, u.shape[0], generator=torch.Generator().manual_seed(0)), dim=-1)
+    p = cola.project(e)
+    residual = p * (e @ u @ u.T).norm(dim=-1, keepdim=True) - e
+    assert torch.allclose(residual @ u, torch.zeros(5, 10), atol=1e-5)  # what is removed is orthogonal to the span
+    assert text_subspace(ctx.base.text_weights, rank=3).shape[1] == 3
+
+
+def test_sinkhorn_plan_marginals_and_uniform_costs() -> None:
+    cost = torch.rand(2, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+    transported = sinkhorn_cost(cost, eps=0.05, iters=200)
+    assert transported.shape == (2, 3)
+    # the transport cost lies between the cheapest and the mean coupling's cost
+    assert (transported <= cost.mean(dim=(-2, -1)) + 1e-6).all() and (
+        transported >= cost.amin(dim=(-2, -1)) - 1e-6
+    ).all()
+    # constant costs per row: every plan costs the same, the mean
+    rows = torch.rand(5, 1).expand(5, 4)
+    assert sinkhorn_cost(rows, eps=0.1, iters=50) == pytest.approx(float(rows.mean()), abs=1e-5)
+    # large eps tends to the independent coupling (mean cost); small eps to the optimal assignment
+    square = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert sinkhorn_cost(square, eps=0.01, iters=200) == pytest.approx(0.0, abs=1e-3)
+    assert sinkhorn_cost(square, eps=100.0, iters=200) == pytest.approx(0.5, abs=1e-2)
+
+
+def test_cola_one_view_without_projection_is_the_prompt_mean_classifier(
+    cola: COLA, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    plain = COLA(COLAConfig(n_views=1, project=False))
+    plain.bind(cola._base())
+    assert plain.prompt_embeddings is not None
+    with torch.no_grad():
+        logits = plain.predict(x)
+        e = cola._base().embed(to_8bit(x))
+        expected = cola._base().logit_scale * (e @ plain.prompt_embeddings.mean(dim=1).T)
+    assert torch.allclose(logits, expected, atol=1e-3)
+    cola.counter.forward = cola.counter.images = 0
+    with torch.no_grad():
+        first, second = cola.predict(x), cola.predict(x)
+    assert not torch.equal(first, second) and cola.counter.per_image() == (cola.config.n_views, 0)
+    x_ = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(cola.attack_surface()(x_), y), x_)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert COLA.randomized and COLA.kind == "inference"
