@@ -1,4 +1,4 @@
-"""Test-time prompt tuning defenses built on the shared hooks (TPT)."""
+"""Test-time prompt tuning defenses built on the shared hooks: TPT, A-TPT, SS-TPT (and TTP's padding)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from vlmdefense.defenses.test_time_adaptation.prompt_tuning import adamw_first_step
 from vlmdefense.defenses.test_time_adaptation.tpt import TPT
+from vlmdefense.defenses.test_time_adaptation.ttp import TTP, pad_into
 from vlmdefense.defenses.test_time_adaptation.views import entropy, marginal_entropy
 from vlmdefense.workbench import harness
 
@@ -100,3 +101,35 @@ def test_tpt_unrolled_attack_follows_the_step(quick):
         assert x.grad is not None
         grads.append(x.grad.flatten())
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+# ---- TTP -----------------------------------------------------------------------------------------------
+
+
+def test_ttp_detects_by_the_padding_shift_and_leaves_clean_inputs_alone(quick):
+    ctx, images, labels = quick
+    state = _weights(ctx)
+    defense = TTP.from_params({"n_views": 4, "selection": 0.5})
+    findings = defense.fit(ctx.fit_data())
+    data = ctx.fit_data()
+    with torch.no_grad():
+        flagged = defense.similarity(data.seen_train.images) < defense.threshold
+    assert abs(float(flagged.float().mean()) - defense.config.detection_fpr) < 0.02
+    assert findings["threshold"] == round(defense.threshold, 5)
+    zero = pad_into(images, torch.zeros_like(images), 2)
+    assert zero[..., :2, :].abs().sum() == 0 and zero[..., 2:-2, 2:-2].abs().sum() > 0
+    torch.manual_seed(0)
+    out = defense.run(images)
+    with torch.no_grad():
+        plain = defense._base()(images)
+    keep = ~out.flagged
+    assert torch.allclose(out.logits[keep], plain[keep], atol=1e-5)  # judged clean: zero-shot unchanged
+    defense.threshold = 2.0  # flag everything: the border is adapted
+    torch.manual_seed(0)
+    adapted = defense.run(images)
+    assert adapted.flagged.all() and not torch.allclose(adapted.logits, plain, atol=1e-3)
+    assert adapted.weights is not None and torch.allclose(adapted.weights.sum(1), torch.ones(6), atol=1e-5)
+    x = images.clone().requires_grad_(True)
+    F.cross_entropy(defense.attack_surface()(x), labels).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert _same(state, _weights(ctx))
