@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmdefense.defenses.test_time_adaptation.prompt_tuning import adamw_first_step
+from vlmdefense.defenses.test_time_adaptation.ss_tpt import SSTPT, SSTPTConfig, js_divergence
 from vlmdefense.defenses.test_time_adaptation.tpt import TPT
 from vlmdefense.defenses.test_time_adaptation.ttp import TTP, pad_into
 from vlmdefense.defenses.test_time_adaptation.views import entropy, marginal_entropy
@@ -101,6 +102,38 @@ def test_tpt_unrolled_attack_follows_the_step(quick):
         assert x.grad is not None
         grads.append(x.grad.flatten())
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+# ---- SS-TPT --------------------------------------------------------------------------------------------
+
+
+def test_sstpt_scores_prefer_dense_and_stable_views(quick):
+    ctx, images, _ = quick
+    defense = SSTPT.from_params({"n_views": 4})
+    defense.fit(ctx.fit_data())
+    features = F.normalize(torch.tensor([[[1.0, 0.0], [0.99, 0.1], [0.98, -0.1], [0.0, 1.0]]]), dim=-1)
+    distance = 2 - 2 * features @ features.transpose(1, 2)
+    suitability = 1 / (distance.sum(-1) / 3 + 1e-8)
+    assert int(suitability.argmin()) == 3  # the outlier
+    weights = defense.weights(torch.stack([suitability, torch.tensor([[1.0, 5.0, 1.0, 1.0]])], dim=-1))
+    assert torch.allclose(weights.sum(), torch.ones(())) and int(weights.argmax()) == 1  # dense and stable
+    torch.manual_seed(0)
+    views = defense.make_views(images)
+    scores = defense.view_scores(views, defense._base().embed(views.flatten(0, 1)).view(6, 4, -1))
+    assert scores.shape == (6, 4, 2) and (scores > 0).all()
+    assert js_divergence(torch.tensor([0.3, 0.7]), torch.tensor([0.3, 0.7])) < 1e-6
+
+
+def test_sstpt_consistency_pulls_towards_the_other_views():
+    defense = SSTPT(SSTPTConfig(consistency=1.0))
+    scores = torch.ones(1, 2, 2)
+    agree = torch.tensor([[[3.0, 0.0, 0.0], [3.0, 0.0, 0.0]]])
+    disagree = torch.tensor([[[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]]])
+    plain = entropy(disagree).mean(1)
+    assert torch.allclose(defense.objective(agree, scores), entropy(agree).mean(1), atol=1e-5)  # KL 0
+    p = torch.softmax(disagree, -1)[0]  # the reference of each view is the other view
+    kl = 0.5 * ((p[1] * (p[1] / p[0]).log()).sum() + (p[0] * (p[0] / p[1]).log()).sum())
+    assert torch.allclose(defense.objective(disagree, scores) - plain, kl.view(1), atol=1e-4)
 
 
 # ---- TTP -----------------------------------------------------------------------------------------------
