@@ -6,6 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlmdefense.defenses.test_time_adaptation import a_tpt
+from vlmdefense.defenses.test_time_adaptation.a_tpt import (
+    ATPT,
+    ATPTConfig,
+    attention_rollout,
+    mixing_map,
+    tower_with_attention,
+)
 from vlmdefense.defenses.test_time_adaptation.prompt_tuning import adamw_first_step
 from vlmdefense.defenses.test_time_adaptation.ss_tpt import SSTPT, SSTPTConfig, js_divergence
 from vlmdefense.defenses.test_time_adaptation.tpt import TPT
@@ -102,6 +110,50 @@ def test_tpt_unrolled_attack_follows_the_step(quick):
         assert x.grad is not None
         grads.append(x.grad.flatten())
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+# ---- A-TPT ---------------------------------------------------------------------------------------------
+
+
+def test_atpt_tower_with_attention_reproduces_the_image_tower(quick):
+    ctx, images, _ = quick
+    features, inputs, maps = tower_with_attention(ctx.clip, images)
+    assert torch.allclose(features, ctx.clip.encode_images(images), atol=1e-5)
+    assert len(maps) == len(inputs) and torch.allclose(maps[-1].sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_atpt_views_keep_the_base_where_attention_is_high():
+    cfg = ATPTConfig()
+    attention = torch.linspace(0, 1, 100).view(1, 1, 10, 10)  # distinct values: the top 20 are the last two rows
+    m = mixing_map(attention, torch.tensor([0.5]), cfg)
+    assert torch.equal(m.flatten()[80:], torch.full((20,), cfg.m_high))
+    assert torch.equal(m.flatten()[:80], torch.full((80,), cfg.m_low))
+    cfg_mid = ATPTConfig(p_high=0.2, p_low=0.5)  # the AugMix Beta draw between the quantiles
+    assert torch.equal(mixing_map(attention, torch.tensor([0.37]), cfg_mid).flatten()[50:80], torch.full((30,), 0.37))
+
+
+def test_atpt_views_blend_base_and_mix_by_the_attention_map(quick, monkeypatch):
+    ctx, images, _ = quick
+    defense = ATPT.from_params({"n_views": 3})
+    defense.fit(ctx.fit_data())
+    captured = {}
+    original = a_tpt.augmix_pure_mix
+
+    def spy(base, *args):
+        mix, beta = original(base, *args)
+        captured.update(base=base.detach(), mix=mix.detach())
+        return mix, beta
+
+    monkeypatch.setattr(a_tpt, "augmix_pure_mix", spy)
+    torch.manual_seed(0)
+    views = defense.make_views(images)
+    assert views.shape == (6, 3, *images.shape[1:]) and torch.equal(views[:, 0], images)
+    base, mix = captured["base"], captured["mix"]
+    text = defense.learner()
+    attention = attention_rollout(ctx.clip, text, defense._base().logit_scale, base, 0.99)
+    m = mixing_map(attention, torch.zeros(len(base)), defense.config)
+    assert torch.allclose(views[:, 1:].flatten(0, 1), m * base + (1 - m) * mix, atol=1e-5)
+    assert 0.15 < float((m == defense.config.m_high).float().mean()) < 0.3  # the top fifth of each map
 
 
 # ---- SS-TPT --------------------------------------------------------------------------------------------
