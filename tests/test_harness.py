@@ -88,6 +88,18 @@ def test_paper_profile_refuses_to_run_without_a_gpu() -> None:
         harness.setup("baseline", "paper", root=REPO)
 
 
+def test_a_test_split_of_seen_classes_only_records_unseen_as_absent(tmp_path: Path) -> None:
+    """The first four interleaved test digits are all seen classes: unseen and transfer are absent, the record
+    validates and is written (an empty split never becomes NaN)."""
+    ctx = harness.setup("baseline", "quick", {"n_test": 4, "n_transfer": 0, "audit": False}, root=REPO)
+    assert set(ctx.sets.test.labels.tolist()) <= set(ctx.prompts.seen_classes)
+    result = harness.evaluate(ctx, harness.fit(ctx, create_defense("baseline", **ctx.params)))
+    assert result.clean is not None and result.clean.unseen is None and result.clean.seen == result.clean.all
+    assert all(row.acc.unseen is None and row.acc.transfer is None for row in result.robust)
+    path = harness.save_result(result, tmp_path / "baseline" / "quick" / "result.json")
+    assert path is not None and check_result_file(path) == []
+
+
 def test_unknown_profile(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown profile 'nope'"):
         harness.setup("baseline", "nope", root=REPO)

@@ -9,6 +9,7 @@ A notebook stays thin::
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -83,27 +84,19 @@ def measure(ctx: Context, defense: Defense) -> Measurement:
 
 def evaluate(ctx: Context, defense: Defense) -> Result:
     """Clean and robust accuracy, cost, the evaluation audit and provenance of a fitted defense, as a result
-    record (see :func:`measure`)."""
+    record (see :func:`measure`). What describes the run (model, data, parameters) is built and validated
+    first, so that a record that cannot be written fails before the attacks run."""
+    model_ref, dataset = _model_ref(ctx), _dataset_info(ctx)
+    json.dumps(ctx.params)  # a parameter the record cannot hold fails now, not after the attacks
     measured = measure(ctx, defense)
     timing = time_inference(defense.predict, ctx.sets.test.images, defense.counter, ctx.params["batch_size"])
-    model = ctx.params["model"]
     return Result(
         method=ctx.method,
         profile=ctx.profile,
         status=RunStatus.OK,
         parameters=ctx.params,
-        model=ModelRef(
-            name=model["name"],
-            pretrained=ctx.clip.pretrained if model.get("pretrained") else model.get("pretrained"),
-            card=_card_summary(ctx.model_card),
-        ),
-        dataset=DatasetInfo(
-            test=ctx.sets.test.name,
-            test_images=len(ctx.sets.test),
-            transfer=ctx.sets.transfer.name if ctx.sets.transfer else None,
-            transfer_images=len(ctx.sets.transfer) if ctx.sets.transfer else 0,
-            seen_classes=list(ctx.prompts.seen_classes),
-        ),
+        model=model_ref,
+        dataset=dataset,
         clean=measured.clean,
         robust=measured.rows,
         cost=Cost(
@@ -125,6 +118,25 @@ def evaluate(ctx: Context, defense: Defense) -> Result:
             PromptRecord.model_validate(ctx.prompts.as_dict()),
             os.environ.get("VLMDEFENSE_COMMAND"),
         ),
+    )
+
+
+def _model_ref(ctx: Context) -> ModelRef:
+    model = ctx.params["model"]
+    return ModelRef(
+        name=model["name"],
+        pretrained=ctx.clip.pretrained if model.get("pretrained") else model.get("pretrained"),
+        card=_card_summary(ctx.model_card),
+    )
+
+
+def _dataset_info(ctx: Context) -> DatasetInfo:
+    return DatasetInfo(
+        test=ctx.sets.test.name,
+        test_images=len(ctx.sets.test),
+        transfer=ctx.sets.transfer.name if ctx.sets.transfer else None,
+        transfer_images=len(ctx.sets.transfer) if ctx.sets.transfer else 0,
+        seen_classes=list(ctx.prompts.seen_classes),
     )
 
 
