@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmdefense.defenses.training_free.agc import AGC
+from vlmdefense.defenses.training_free.aom import AOM, AOMConfig
+from vlmdefense.defenses.training_free.atac import ATAC, ATACConfig, shifted
 from vlmdefense.defenses.training_free.feature_steering import (
     EmbeddingSteering,
     geodesic_angle,
@@ -163,3 +165,104 @@ def test_agc_pipeline_counts_randomness_and_gradients(
     (grad,) = torch.autograd.grad(F.cross_entropy(agc.attack_surface()(x_), y), x_)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert all(torch.equal(before[k], v) for k, v in ctx.base.state_dict().items())  # CLIP untouched
+
+
+# ---- AOM -------------------------------------------------------------------------------------------------
+
+
+def test_aom_anchor_and_one_step_interpolation() -> None:
+    torch.manual_seed(0)
+    u = unit(torch.randn(4, 16))
+    copies = torch.randn(5, 4, 16) * torch.rand(5, 4, 1) * 3  # unequal norms: the anchor averages unit vectors
+    anchor = unit(unit(copies).mean(dim=0))
+    for step in (0.0, 0.3, 1.0):
+        aom = AOM(AOMConfig(step=step))
+        assert torch.allclose(aom.steer(u, copies), unit(u + step * (anchor - u)), atol=1e-6)
+    assert torch.allclose(AOM(AOMConfig(step=0.0)).steer(u, copies), u, atol=1e-6)  # no step: the undefended model
+    assert torch.allclose(AOM(AOMConfig(step=1.0)).steer(u, copies), anchor, atol=1e-6)  # full step: the anchor
+
+
+def test_aom_noisy_copies_are_fresh_clipped_gaussian_draws() -> None:
+    aom = AOM(AOMConfig(n_noise=64, sigma=0.1))
+    x = torch.full((2, 3, 16, 16), 0.5)
+    torch.manual_seed(0)
+    views = aom.views(x)
+    assert views.shape == (64, 2, 3, 16, 16) and views.min() >= 0 and views.max() <= 1
+    assert abs(float((views - x).std()) - 0.1) < 0.005 and abs(float((views - x).mean())) < 0.005
+    assert not torch.allclose(views, aom.views(x))
+    edge = AOM(AOMConfig(n_noise=2, sigma=0.5, clip_noisy=False)).views(torch.zeros(1, 3, 16, 16))
+    assert edge.min() < 0  # unclipped copies leave [0, 1]
+
+
+def test_aom_pipeline_counts_and_gradients(ctx: harness.Context, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    aom = bound(ctx, AOM, n_noise=3)
+    assert AOM.randomized and AOM.from_params({"fast": True}).n_views < AOM.from_params({}).n_views
+    aom.counter.images = aom.counter.forward = aom.counter.backward = 0
+    logits = aom.predict(x)
+    assert logits.shape == (N, 10) and aom.counter.per_image() == (4, 0)
+    undefended = bound(ctx, AOM, n_noise=3, step=0.0)
+    assert torch.allclose(undefended.predict(x), ctx.base(x), atol=1e-4)  # step 0 leaves the classifier as it is
+    x_ = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(aom.attack_surface()(x_), y), x_)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# ---- ATAC ------------------------------------------------------------------------------------------------
+
+
+def test_atac_views_are_fixed_label_preserving_shifts_and_zoom() -> None:
+    x = torch.rand(2, 3, 16, 16)
+    atac = ATAC(ATACConfig(threshold=0.0))
+    views = atac.views(x)
+    assert views.shape == (5, 2, 3, 16, 16) and torch.equal(views, atac.views(x))  # deterministic
+    assert torch.equal(views[0][..., :-1, :], x[..., 1:, :]) and (views[0][..., -1, :] == 0).all()  # up by 1 px
+    assert torch.equal(shifted(x, 0, 1)[..., 1:], x[..., :-1])  # right by 1 px
+    assert ATAC(ATACConfig(threshold=0.0, zoom_margin=0)).n_views == 4
+
+
+def test_atac_corrects_along_the_mean_drift_only_above_the_threshold() -> None:
+    torch.manual_seed(0)
+    u = unit(torch.randn(2, 16))
+    direction = unit(torch.randn(1, 16)).expand(2, 16)
+    agreeing = unit(u.unsqueeze(0) + 0.3 * direction + 0.01 * torch.randn(5, 2, 16))  # drifts agree: high κ
+    scattered = unit(u.unsqueeze(0) + 0.3 * torch.randn(5, 2, 16))  # drifts disagree: low κ
+    atac = ATAC(ATACConfig(threshold=0.5, step=1.0))
+    k_agree, k_scatter = atac.consistency(u, agreeing), atac.consistency(u, scattered)
+    assert (k_agree > 0.9).all() and (k_scatter < 0.5).all()
+    drifts = agreeing - u.unsqueeze(0)
+    expected = unit(u + unit(drifts.mean(dim=0)))
+    assert torch.allclose(atac.steer(u, agreeing), expected, atol=1e-6)
+    assert torch.allclose(atac.steer(u, scattered), u, atol=1e-6)  # below the threshold: untouched
+    # the surrogate changes the gate's gradient, never its value
+    atac.surrogate = True
+    assert torch.allclose(atac.steer(u, agreeing), expected, atol=1e-6)
+    assert torch.allclose(atac.steer(u, scattered), u, atol=1e-6)
+    k = torch.tensor([0.49, 0.51], requires_grad=True)
+    (grad,) = torch.autograd.grad(atac.gate(k).sum(), k)
+    assert (grad > 0).all()
+    atac.surrogate = False
+    k = torch.tensor([0.49, 0.51], requires_grad=True)
+    assert atac.gate(k).squeeze(-1).tolist() == [0.0, 1.0] and not atac.gate(k).requires_grad
+
+
+def test_atac_calibrates_on_clean_training_images(
+    ctx: harness.Context, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    atac = bound(ctx, ATAC)
+    cal = atac.calibration
+    assert atac.threshold is not None and cal["images"] == 64
+    assert cal["threshold_in_use"] == pytest.approx(cal["calibrated_threshold"], abs=1e-5)
+    assert 0.0 < cal["fraction_corrected"] <= 0.1  # the 95 % quantile: about 5 % of clean training images
+    atac.counter.images = atac.counter.forward = atac.counter.backward = 0
+    logits = atac.predict(x)
+    assert logits.shape == (N, 10) and atac.counter.per_image() == (6, 0) and not ATAC.randomized
+    kappa = atac.measure(x)
+    untouched = kappa < atac.threshold
+    assert torch.allclose(logits[untouched], ctx.base(x)[untouched], atol=1e-4)
+    x_ = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(atac.attack_surface()(x_), y), x_)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0 and not atac.surrogate
+    fixed = ATAC.from_params({"threshold": 0.3})
+    assert fixed.threshold == pytest.approx(0.3)
