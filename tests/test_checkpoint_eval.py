@@ -199,3 +199,13 @@ def test_record_is_json_with_the_profile_parameters(repo: Path, weights: Path) -
     data = json.loads(result.model_dump_json())
     assert data["parameters"]["suite"]["datasets"] == ["eurosat"] and data["kind"] == "checkpoint"
     assert [d["dataset"] for d in data["datasets"]] == ["eurosat"] and data["datasets"][0]["audit"] is None
+
+
+def test_notebooks_do_not_run_under_a_suite_and_status_leaves_suites_out() -> None:
+    from vlmdefense.runs.profiles import load_profiles, notebook_profiles
+    from vlmdefense.runs.runner import run_one
+
+    outcome = run_one(REPO, "baseline", "zeroshot", progress=False)
+    assert outcome.state == "failed" and "use vlmdefense evaluate" in outcome.message
+    suites = set(load_profiles(REPO)) - set(notebook_profiles(REPO))
+    assert suites == {"zeroshot", "zeroshot-tecoa", "zeroshot-quick"}
