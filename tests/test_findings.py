@@ -14,7 +14,8 @@ from vlmdefense.runs.staleness import available_methods
 from vlmdefense.workbench import prose
 
 HEADING = "## Findings"
-METHODS = [m for m in available_methods(REPO) if m != "baseline"]
+# The notebooks whose smoke record is committed (a notebook without a record yet has no Findings to render).
+METHODS = [m for m in available_methods(REPO) if m != "baseline" and result_path(REPO, m, "smoke").is_file()]
 
 
 def findings_cells(notebook: Path) -> tuple[list[str], list[str]]:

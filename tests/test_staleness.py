@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import REPO
 from vlmdefense.cli import app
 from vlmdefense.runs.code_digest import PACKAGE_DIR, closure, defense_module, dependency_files, imported_names
-from vlmdefense.runs.profiles import load_profiles, method_parameters
+from vlmdefense.runs.profiles import load_profiles, method_parameters, notebook_profiles
 from vlmdefense.runs.staleness import RunState, input_hash, run_inputs, state_report
 
 METHODS = ("baseline", "tecoa", "fare")
@@ -110,7 +110,7 @@ def test_status_json_lists_every_method_and_profile() -> None:
     result = CliRunner().invoke(app, ["status", "--format", "json"], env={"VLMDEFENSE_ROOT": str(REPO)})
     assert result.exit_code == 0, result.output
     rows = [r for r in json.loads(result.output) if r.get("variant") is None]  # canonical records only
-    profiles = list(load_profiles(REPO))
+    profiles = list(notebook_profiles(REPO))  # the zero-shot suites are for checkpoints, not notebooks
     notebooks = sorted(p.stem for p in (REPO / "notebooks").glob("*.ipynb") if not p.stem.startswith("_"))
     assert sorted({r["method"] for r in rows}) == notebooks
     assert len(rows) == len(notebooks) * len(profiles)
