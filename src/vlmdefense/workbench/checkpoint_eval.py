@@ -158,17 +158,26 @@ def _dataset_context(
     root: Path,
     clip: LoadedClip,
     data: SuiteDataset,
+    sets: EvalSets,
     base: ZeroShotClassifier,
     budget: Epsilon,
 ) -> Context:
-    device = clip.device
     params = {**base_params, "eps": [budget.display], "headline_eps": budget.display}
-    if budget.display != str(base_params["headline_eps"]):
+    if abs(budget.value - Epsilon.parse(base_params["headline_eps"]).value) > 1e-12:
         params["audit"] = False  # the audit runs once per dataset, at the headline ε
-    test = data.images
-    sets = EvalSets(ImageSet(test.name, test.images.to(device), test.labels.to(device), test.classnames), None, ())
     return Context(
-        data.name, profile, params, root, device, clip, data.prompts, None, sets, base, now_iso(), time.perf_counter()
+        data.name,
+        profile,
+        params,
+        root,
+        clip.device,
+        clip,
+        data.prompts,
+        None,
+        sets,
+        base,
+        now_iso(),
+        time.perf_counter(),
     )
 
 
@@ -183,11 +192,14 @@ def score_dataset(
     base = ZeroShotClassifier(clip, data.prompts).to(clip.device)  # the class prompts are encoded once per dataset
     for parameter in base.parameters():
         parameter.requires_grad_(False)
+    test = data.images
+    on_device = ImageSet(test.name, test.images.to(clip.device), test.labels.to(clip.device), test.classnames)
+    sets = EvalSets(on_device, None, ())  # moved to the device once, shared by every ε
     for budget in budgets(base_params["eps"]):
         if len(data.images) == 0:
             worst[budget.display] = None
             continue
-        ctx = _dataset_context(base_params, profile, root, clip, data, base, budget)
+        ctx = _dataset_context(base_params, profile, root, clip, data, sets, base, budget)
         measured = measure(ctx, Undefended(ctx.base))
         clean = measured.clean.all
         rows += measured.rows
