@@ -16,8 +16,12 @@ from vlmdefense.defenses.training_free.counterattack import (
     signed,
 )
 from vlmdefense.defenses.training_free.doc import DOC, orthogonal_direction
+from vlmdefense.defenses.training_free.fpt_noise import FPTNoise
+from vlmdefense.defenses.training_free.gated_counterattack import GateSettings, gated_counterattack
 from vlmdefense.defenses.training_free.hedge_defense import HedgeDefense, hedge_loss
 from vlmdefense.defenses.training_free.mac import MAC
+from vlmdefense.defenses.training_free.scc import SCC, margin_to_prototype
+from vlmdefense.defenses.training_free.surface_choice import choose_surface
 from vlmdefense.workbench import harness
 
 N = 8
@@ -175,3 +179,99 @@ def test_doc_orthogonal_momentum_counterattack_and_gate(
     assert isinstance(calibrated, DOC) and calibrated.threshold == pytest.approx(record["threshold_in_use"], abs=1e-5)
     assert 0.2 <= record["weight_mean"] <= 0.8  # the median threshold splits clean images around one half
     surface_checks(opened, x, y)
+
+
+def test_gated_counterattack_follows_the_tau_gate(
+    ctx: harness.Context, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, _ = batch
+    clip = fitted(ctx, MAC).clip
+    closed = GateSettings(eps=4 / 255, steps=2, step_size=1 / 255, tau_thres=-1.0, beta=2.0)
+    torch.manual_seed(0)
+    delta, tau = gated_counterattack(clip, x, closed, unroll=False)
+    torch.manual_seed(0)
+    start = into_ball(torch.empty_like(x).uniform_(-closed.eps, closed.eps), x, closed.eps)
+    assert torch.allclose(delta, start, atol=1e-7) and (tau >= 0).all()  # no image gated: the noise only
+    opened = GateSettings(eps=4 / 255, steps=2, step_size=1 / 255, tau_thres=10.0, beta=2.0)
+    torch.manual_seed(0)
+    delta, _ = gated_counterattack(clip, x, opened, unroll=False)
+    assert delta.abs().max() <= opened.eps + 1e-6 and not torch.allclose(delta, start)
+    with torch.no_grad():
+        ref = raw_embed(clip, x)
+        assert (
+            relative_change(raw_embed(clip, x + delta), ref) > relative_change(raw_embed(clip, x + start), ref)
+        ).all()
+
+
+def test_scc_margin_and_correction(ctx: harness.Context, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    text = F.normalize(torch.randn(4, 6), dim=-1)
+    emb = F.normalize(torch.randn(3, 6), dim=-1)
+    pseudo = torch.tensor([0, 2, 3])
+    margin = margin_to_prototype(emb, 5 * text[pseudo], text, pseudo)  # a one-hot prototype, any scale
+    cos = emb @ text.T
+    others = torch.stack([torch.cat([cos[i, :p], cos[i, p + 1 :]]).max() for i, p in enumerate(pseudo.tolist())])
+    assert torch.allclose(margin, cos[torch.arange(3), pseudo] - others, atol=1e-6)
+    x, y = batch
+    scc = fitted(ctx, SCC, n_views=3, scc_steps=3, temperature=0.05)
+    assert isinstance(scc, SCC)
+    torch.manual_seed(0)
+    noise = scc.draw_noise(x)
+    assert noise.shape == (2, *x.shape) and torch.equal(scc.views(x, noise)[: len(x)], x)
+    prototype, pseudo = scc.prototype(x, noise)
+    base = scc._base()
+    assert torch.allclose(F.normalize(prototype, dim=-1), base.text_weights[pseudo], atol=0.05)  # sharp: ≈ top class
+    delta = scc.correct(x, noise, prototype, pseudo, unroll=False)
+    assert delta.shape == x.shape and delta.abs().max() <= scc.config.scc_eps + 1e-6  # one perturbation for all views
+    with torch.no_grad():
+        before = scc.margin(x, noise, prototype, pseudo)
+        after = scc.margin(x + delta, noise, prototype, pseudo)
+    assert (after > before).float().mean() >= 0.75 and after.mean() > before.mean()  # ascent on the margin
+    forward, backward = scc.passes()
+    w = scc.config.warmup_steps  # warm-up: reference and one per step; views; correction; prediction
+    assert (forward, backward) == (1 + w + 3 + 3 * 3 + 3, w + 3 * 3)
+    surface_checks(fitted(ctx, SCC), x, y)
+    gate = scc.fit(ctx.fit_data())["tau_clean_train"]
+    assert gate["images"] > 0 and 0 <= gate["fraction_gated"] <= 1
+
+
+def test_fpt_noise_budget_regulation_and_thresholds(
+    ctx: harness.Context, batch: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    x, y = batch
+    fpt = fitted(ctx, FPTNoise)
+    assert isinstance(fpt, FPTNoise)
+    record = fpt.fit(ctx.fit_data())["perception_clean_train"]
+    threshold = fpt.rate_threshold
+    assert threshold is not None and threshold == pytest.approx(record["rate_threshold"], abs=1e-5)
+    cfg = fpt.config
+    rates = torch.linspace(0.5 * threshold, 2 * threshold, 7)
+    budgets = fpt.budget(rates)
+    assert (budgets[1:] < budgets[:-1]).all()  # slower features: a larger budget
+    assert budgets.min() >= cfg.eps_min - 1e-9 and budgets.max() <= cfg.eps_max + 1e-9
+    torch.manual_seed(0)
+    delta, eps, _ = fpt.modulated(x, unroll=False)
+    assert (delta.abs().flatten(1).max(1).values <= eps.flatten() + 1e-6).all()  # each image within its own budget
+    assert ((x + delta).min() >= 0) and ((x + delta).max() <= 1)
+    everything = fitted(ctx, FPTNoise, stability_thres=-1.0)  # every move exceeds it: every image regulated
+    assert isinstance(everything, FPTNoise)
+    torch.manual_seed(0)
+    regulated_delta, regulated = everything.counterattack(x, unroll=False)
+    torch.manual_seed(0)
+    unregulated, _, _ = everything.modulated(x, unroll=False)
+    assert regulated.all() and torch.allclose(regulated_delta, cfg.regulation * unregulated, atol=1e-7)
+    nothing = fitted(ctx, FPTNoise, stability_thres=1e9)
+    assert isinstance(nothing, FPTNoise)
+    assert not nothing.counterattack(x, unroll=False)[1].any()
+    with pytest.raises(RuntimeError):
+        FPTNoise.from_params(ctx.params).budget(rates)
+    surface_checks(fpt, x, y)
+
+
+def test_choose_surface_adopts_the_lowest_accuracy(ctx: harness.Context) -> None:
+    hedge = fitted(ctx, HedgeDefense)
+    assert isinstance(hedge, HedgeDefense)
+    rows = choose_surface(ctx, hedge, images=6)
+    modes = ("bpda", "input", "unrolled")
+    assert rows["strongest"] == min(modes, key=lambda m: rows[m]) == hedge.config.adaptive
+    assert ctx.findings["surface_comparison"] is rows and rows["images"] == 6
+    assert f"{rows['strongest']}, twice the steps" in rows and rows["eps_255"] <= 4
