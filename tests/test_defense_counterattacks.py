@@ -21,8 +21,8 @@ from vlmdefense.defenses.training_free.gated_counterattack import GateSettings, 
 from vlmdefense.defenses.training_free.hedge_defense import HedgeDefense, hedge_loss
 from vlmdefense.defenses.training_free.mac import MAC
 from vlmdefense.defenses.training_free.scc import SCC, margin_to_prototype
-from vlmdefense.defenses.training_free.surface_choice import choose_surface
 from vlmdefense.workbench import harness
+from vlmdefense.workbench.surface_choice import choose_surface
 
 N = 8
 
