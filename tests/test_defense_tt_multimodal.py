@@ -135,8 +135,10 @@ def test_word_substitution_changes_one_unprotected_word_and_picks_the_farthest(c
         if diff:
             i = diff[0]
             options = [" ".join([*old_words[:i], _replace_core(old_words[i], s), *old_words[i + 1 :]]) for s in pool]
-            best = _kl_from(origin, encode(options)).max()
-            assert _kl_from(origin, encode([new]))[0] >= best - 1e-7
+            # Scored in one batch; the KL scores are about 1e-6 to 1e-5, and float32 log-softmax values near
+            # log(1/64) carry absolute errors of a few 1e-7, so a different batch may rank near-ties differently.
+            scores = _kl_from(origin, encode(options))
+            assert new in options and scores[options.index(new)] >= scores.max() - 1e-6
 
 
 def test_symmetric_contrastive_matches_pairs() -> None:
