@@ -121,10 +121,7 @@ class FPTNoise(CounterattackDefense):
     def change_rate(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         """The feature change rate per image: mean over the probe radii of relative change / radius."""
         reference = raw_embed(self.clip, x) if reference is None else reference
-        rates = [
-            relative_change(raw_embed(self.clip, x + uniform_start(x, r)), reference) / r
-            for r in self.radii
-        ]
+        rates = [relative_change(raw_embed(self.clip, x + uniform_start(x, r)), reference) / r for r in self.radii]
         return torch.stack(rates).mean(dim=0)
 
     def budget(self, rate: torch.Tensor) -> torch.Tensor:
