@@ -18,6 +18,7 @@ from vlmdefense.defenses.training_time.adversarial_pretraining import (
     attack_steps,
     caption_tokens,
     contrastive_loss,
+    epoch_eps,
     fresh_clip,
     pretraining_set,
 )
@@ -73,6 +74,35 @@ def test_weak_to_strong_schedule() -> None:
     config = PretrainConfig(epochs=10, steps=1, strong_epochs=3, strong_steps=4)
     assert [attack_steps(config, e) for e in range(10)] == [1] * 7 + [4] * 3
     assert {attack_steps(dataclasses.replace(config, strong_epochs=0), e) for e in range(10)} == {1}
+
+
+def test_eps_warm_up_rises_linearly_then_holds() -> None:
+    config = PretrainConfig(epochs=6, train_eps=8 / 255, eps_warmup_epochs=4)
+    assert [epoch_eps(config, e) for e in range(6)] == pytest.approx([v * 8 / 255 for v in (0.25, 0.5, 0.75, 1, 1, 1)])
+    assert {epoch_eps(dataclasses.replace(config, eps_warmup_epochs=0), e) for e in range(6)} == {8 / 255}
+    assert PretrainConfig().eps_warmup_epochs == 20 and PretrainConfig().epochs == 40
+
+
+def test_the_loop_attacks_within_each_epochs_budget(ctx: harness.Context) -> None:
+    """The recorded budget of each epoch is the warm-up's, and every adversarial batch stays inside it."""
+    model = fresh_clip(ctx.clip.name, seed=1)
+    train = _small_set(ctx)
+    captions = caption_tokens(ctx.clip.tokenizer, ctx.prompts)
+    config = PretrainConfig(epochs=2, steps=1, train_eps=8 / 255, eps_warmup_epochs=2, batch_size=len(train), seed=0)
+    seen: list[float] = []
+    original = PGD.maximise
+
+    def spy(attack: PGD, objective: object, images: torch.Tensor) -> torch.Tensor:
+        x_adv = original(attack, objective, images)  # type: ignore[arg-type]
+        seen.append((x_adv - images).abs().max().item())
+        return x_adv
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PGD, "maximise", spy)
+        clip = dataclasses.replace(ctx.clip, model=model)
+        history = adversarial_pretrain(model, clip, train, captions, config, False)
+    assert [row["eps"] for row in history] == pytest.approx([4 / 255, 8 / 255], abs=1e-6)
+    assert seen[0] <= 4 / 255 + 1e-6 < seen[1] <= 8 / 255 + 1e-6
 
 
 def test_pretraining_data_is_the_small_clip_split_or_the_seen_classes(ctx: harness.Context) -> None:

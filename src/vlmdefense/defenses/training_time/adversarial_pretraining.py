@@ -61,6 +61,9 @@ class PretrainConfig:
         train_eps: L∞ budget of the inner attack; default: the profile's headline ε.
         steps: PGD steps of the inner attack (before the strong stage).
         step_size: PGD step size; default: ``train_eps``.
+        eps_warmup_epochs: the first epochs, over which the inner attack's budget (and its step size) rises
+            linearly from ``train_eps / eps_warmup_epochs`` to ``train_eps`` (0: the full budget from the
+            first step).
         strong_epochs: the last epochs, run with ``strong_steps`` attack steps (AdvXL's weak-to-strong
             schedule; 0: one attack throughout).
         strong_steps: PGD steps in the strong stage.
@@ -81,6 +84,7 @@ class PretrainConfig:
     train_eps: float | None = None
     steps: int = 2
     step_size: float | None = None
+    eps_warmup_epochs: int = 20
     strong_epochs: int = 0
     strong_steps: int = 3
     pretrain_data: str = "pretraining"
@@ -128,6 +132,14 @@ def attack_steps(config: PretrainConfig, epoch: int) -> int:
     return config.strong_steps if epoch >= config.epochs - config.strong_epochs else config.steps
 
 
+def epoch_eps(config: PretrainConfig, epoch: int) -> float:
+    """The inner attack's budget in epoch ``epoch`` (from 0): linear warm-up, then ``train_eps``."""
+    assert config.train_eps is not None
+    if epoch >= config.eps_warmup_epochs:
+        return config.train_eps
+    return config.train_eps * (epoch + 1) / config.eps_warmup_epochs
+
+
 def adversarial_pretrain(
     model: open_clip.CLIP,
     clip: LoadedClip,
@@ -155,7 +167,9 @@ def adversarial_pretrain(
     bar = progress_bar(total=total, desc="adversarial pre-training", disable=not progress)
     step = 0
     for epoch in range(config.epochs):
-        attack = inner_attack(config.train_eps, attack_steps(config, epoch), step_size)
+        eps = epoch_eps(config, epoch)
+        scale = eps / config.train_eps if config.train_eps > 0 else 1.0
+        attack = inner_attack(eps, attack_steps(config, epoch), step_size * scale)
         order = torch.randperm(n, generator=generator)
         sums = {"loss_adv": 0.0, "loss_clean": 0.0}
         for b in range(per_epoch):
@@ -183,7 +197,12 @@ def adversarial_pretrain(
             step += 1
             bar.update(1)
         history.append(
-            {"epoch": epoch + 1, "attack_steps": attack.steps, **{k: round(v / n, 4) for k, v in sums.items()}}
+            {
+                "epoch": epoch + 1,
+                "eps": round(eps, 6),
+                "attack_steps": attack.steps,
+                **{k: round(v / n, 4) for k, v in sums.items()},
+            }
         )
     bar.close()
     model.eval()
