@@ -88,7 +88,9 @@ def test_the_loop_attacks_within_each_epochs_budget(ctx: harness.Context) -> Non
     model = fresh_clip(ctx.clip.name, seed=1)
     train = _small_set(ctx)
     captions = caption_tokens(ctx.clip.tokenizer, ctx.prompts)
-    config = PretrainConfig(epochs=2, steps=1, train_eps=8 / 255, eps_warmup_epochs=2, batch_size=len(train), seed=0)
+    config = PretrainConfig(
+        epochs=2, steps=1, train_eps=8 / 255, eps_warmup_epochs=2, train_batch_size=len(train), seed=0
+    )
     seen: list[float] = []
     original = PGD.maximise
 
@@ -147,7 +149,7 @@ def test_training_images_are_adversarial(ctx: harness.Context) -> None:
     model = fresh_clip(ctx.clip.name, seed=1)
     train = _small_set(ctx)
     captions = caption_tokens(ctx.clip.tokenizer, ctx.prompts)
-    config = PretrainConfig(epochs=2, steps=2, train_eps=8 / 255, batch_size=16, seed=0)
+    config = PretrainConfig(epochs=2, steps=2, train_eps=8 / 255, train_batch_size=16, seed=0)
     history = adversarial_pretrain(model, dataclasses.replace(ctx.clip, model=model), train, captions, config, False)
     assert all(row["loss_adv"] > row["loss_clean"] for row in history)
     trained = copy.deepcopy(ctx.clip.model)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 from vlmdefense.catalog.schema import ReproductionStatus
@@ -72,3 +74,17 @@ def test_no_defense_module_imports_the_harness() -> None:
     for path in DEFENSES_DIR.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "workbench.context" not in text and "workbench.harness" not in text, path
+
+
+@pytest.mark.parametrize("defense_id", list_defenses())
+def test_no_config_field_is_taken_from_the_profiles_evaluation_settings(defense_id: str) -> None:
+    """A defense is configured from the merged profile parameters by field name, so a field named like a
+    profile key (``batch_size``: the evaluation batch) would silently take the evaluation's value; only the
+    shared ``seed`` may coincide. (The pre-training batch once took the evaluation's 360 this way.)"""
+    profiles = yaml.safe_load((REPO / "reproductions" / "profiles.yaml").read_text())
+    profile_keys = {key for profile in profiles.values() for key in profile if key != "methods"}
+    config_class = getattr(defense_class(defense_id), "config_class", None)
+    if config_class is None or not dataclasses.is_dataclass(config_class):
+        return
+    fields = {field.name for field in dataclasses.fields(config_class)}
+    assert fields & profile_keys <= {"seed"}

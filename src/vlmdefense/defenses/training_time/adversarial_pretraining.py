@@ -54,7 +54,7 @@ class PretrainConfig:
         epochs: passes over the pre-training images (the small CLIP's recipe: 40).
         lr: peak learning rate of AdamW (cosine schedule after a linear warm-up), as the recipe.
         weight_decay: AdamW weight decay on matrices (not on embeddings, norms, biases), as the recipe.
-        batch_size: images per optimiser step, as the recipe.
+        train_batch_size: images per optimiser step, as the recipe (not the profile's evaluation ``batch_size``).
         warmup_fraction: share of the steps spent warming up, as the recipe.
         translate_px: random translation of each image by up to this many pixels, as the recipe.
         max_logit_scale: clamp of the learnt temperature, as the recipe.
@@ -77,7 +77,7 @@ class PretrainConfig:
     epochs: int = _RECIPE.epochs
     lr: float = _RECIPE.lr
     weight_decay: float = _RECIPE.weight_decay
-    batch_size: int = _RECIPE.batch_size
+    train_batch_size: int = _RECIPE.batch_size
     warmup_fraction: float = _RECIPE.warmup_fraction
     translate_px: int = _RECIPE.translate_px
     max_logit_scale: float = _RECIPE.max_logit_scale
@@ -161,7 +161,7 @@ def adversarial_pretrain(
     )
     generator = torch.Generator().manual_seed(config.seed)
     n = len(train)
-    per_epoch = math.ceil(n / config.batch_size)
+    per_epoch = math.ceil(n / config.train_batch_size)
     total = config.epochs * per_epoch
     history: list[dict[str, float]] = []
     bar = progress_bar(total=total, desc="adversarial pre-training", disable=not progress)
@@ -173,7 +173,7 @@ def adversarial_pretrain(
         order = torch.randperm(n, generator=generator)
         sums = {"loss_adv": 0.0, "loss_clean": 0.0}
         for b in range(per_epoch):
-            index = order[b * config.batch_size : (b + 1) * config.batch_size]
+            index = order[b * config.train_batch_size : (b + 1) * config.train_batch_size]
             images = translate(train.images[index.to(device)].cpu(), config.translate_px, generator).to(device)
             template = torch.randint(0, captions.shape[1], (len(index),), generator=generator)
             texts = captions[train.labels[index.to(device)].cpu(), template].to(device)
