@@ -6,7 +6,7 @@ generated file of the site into a folder, and returns the navigation. ``docs/gen
 committed.
 
 One module per kind of page — :mod:`.home`, :mod:`.taxonomy`, :mod:`.method`, :mod:`.compare`,
-:mod:`.results`, :mod:`.schema_ref` — reads the :class:`~.data.SiteData` of :mod:`.data` and renders
+:mod:`.results`, :mod:`.models`, :mod:`.schema_ref` — reads the :class:`~.data.SiteData` of :mod:`.data` and renders
 templates of ``site/templates`` through :mod:`.render`, whose engine escapes every value it prints.
 """
 
@@ -23,6 +23,7 @@ from vlmdefense.site.data import BASELINE, SiteError, collect
 from vlmdefense.site.home import home
 from vlmdefense.site.leaderboard import LEADERBOARD_PAGE, leaderboard_page
 from vlmdefense.site.method import method_pages
+from vlmdefense.site.models import MODELS_PAGE, models_page
 from vlmdefense.site.render import Writer
 from vlmdefense.site.results import results_page
 from vlmdefense.site.schema_ref import schema_page
@@ -72,6 +73,7 @@ def generate(root: Path, out: Path, catalog_dir: Path | None = None) -> Generate
     compare_page(data, w)
     results_page(data, w)
     leaderboard_page(data, w)
+    models_page(data, w)
     for profile, notebook in data.notebooks.get(BASELINE, {}).items():
         w.copy(f"{BASELINE}/{profile}.ipynb", notebook)
     schema_page(w)
@@ -84,6 +86,7 @@ def generate(root: Path, out: Path, catalog_dir: Path | None = None) -> Generate
         {"Compare": "compare.md"},
         {"Results": "results.md"},
         {"Leaderboard": LEADERBOARD_PAGE},
+        {"Models": MODELS_PAGE},
         {"Contributing": [{"How to add a method": "contributing.md"}, {"Schema reference": "schema.md"}]},
     ]
     logger.info("generated %d files for %d methods", len(w.files), len(data.entries))

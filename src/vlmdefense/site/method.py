@@ -13,7 +13,9 @@ from vlmdefense.catalog.schema import Entry
 from vlmdefense.runs.records import Result, RunStatus
 from vlmdefense.site import labels
 from vlmdefense.site.data import SiteData, headline_eps
+from vlmdefense.site.detection import with_detection
 from vlmdefense.site.links import method_page, method_plot, rel
+from vlmdefense.site.models import MODELS_PAGE, prior_anchor, priors_used
 from vlmdefense.site.plots import method_plot as sweep_plot
 from vlmdefense.site.render import Writer, nav_title, render
 from vlmdefense.workbench.audit_report import audit_table, lowered_note
@@ -110,7 +112,7 @@ def render_method(entry: Entry, data: SiteData, w: Writer) -> str:
     runs = profile_runs(entry, data, w)
     ok = [r for r in runs if not r.failed]
     related = [data.catalog.items[o].entry for o in entry.related if o in data.catalog.items]
-    return render(
+    text = render(
         "method.md.j2",
         entry=entry,
         page=page,
@@ -127,8 +129,10 @@ def render_method(entry: Entry, data: SiteData, w: Writer) -> str:
         beside=[(r.profile, r.result.clean.all if r.result.clean else None, r.result) for r in ok],
         plot_links={r.profile: rel(page, r.plot) for r in ok},
         related=related,
+        priors=[(key, f"{rel(page, MODELS_PAGE)}#{prior_anchor(key)}") for key in priors_used(data, entry.id)],
         bibtex=bibtex(entry),
     )
+    return with_detection(text, [(r.profile, r.result) for r in ok])
 
 
 def method_pages(data: SiteData, w: Writer) -> list[Any]:

@@ -1,0 +1,65 @@
+"""The detection section of a method page: rendered from a record's findings, escaped, placed before the
+Limitations, and absent for records without one."""
+
+from __future__ import annotations
+
+from conftest import REPO
+from vlmdefense.runs.detection import DetectionRow, DetectionSection
+from vlmdefense.runs.records import read_result, result_path
+from vlmdefense.site.detection import detection_markdown, with_detection
+from vlmdefense.units import Epsilon
+
+
+def section(attack: str = "joint PGD-10") -> DetectionSection:
+    row = DetectionRow(
+        attack=attack,
+        eps=Epsilon.parse("8/255"),
+        steps=10,
+        adaptive=True,
+        target="classifier-and-detector",
+        attacked_images=60,
+        adversarial_images=58,
+        attack_success=100.0,
+        auroc=0.5882,
+        tpr_at_5_fpr=5.17,
+        threshold_at_5_fpr=0.2,
+        detection_rate=20.69,
+        evading=80.0,
+        accuracy_after_rejection=20.0,
+    )
+    return DetectionSection(
+        score="mean cosine",
+        threshold=0.4603,
+        threshold_rule="equal_tpr_tnr on training images",
+        clean_images=60,
+        clean_accuracy=96.67,
+        clean_false_positive_rate=20.0,
+        clean_accuracy_after_rejection=78.33,
+        mean_clean_score=0.58,
+        rows=[row],
+    )
+
+
+def record(findings: dict[str, object]):  # type: ignore[no-untyped-def]
+    base = read_result(result_path(REPO, "baseline", "smoke"))
+    return base.model_copy(update={"findings": findings})
+
+
+def test_section_shows_the_numbers_and_escapes_text() -> None:
+    result = record({"detection": section("<b>joint</b>").model_dump(mode="json")})
+    text = detection_markdown([("smoke", result)])
+    assert text.startswith("## Detection") and "### Detection (smoke)" in text
+    assert "0.460" in text and "0.59" in text and "78.3 %" in text and "| 20.7 | 80.0 | 20.0 |" in text
+    assert "<b>" not in text
+
+
+def test_section_goes_before_the_limitations_and_only_when_present() -> None:
+    page = "# X\n\n## Reproduced here\n\nrows\n\n## Limitations\n\n- one\n"
+    result = record({"detection": section().model_dump(mode="json"), "detection_stochastic": section().model_dump()})
+    out = with_detection(page, [("smoke", result)])
+    assert out.index("## Detection") < out.index("## Limitations") and out.index("## Reproduced here") < out.index(
+        "## Detection"
+    )
+    assert "stochastic variant" in out
+    assert with_detection(page, [("smoke", record({}))]) == page
+    assert with_detection(page, [("smoke", record({"detection": {"threshold": "bad"}}))]) == page
