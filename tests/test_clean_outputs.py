@@ -24,13 +24,13 @@ def committed_outputs() -> list[Path]:
     return [REPO / name for name in listed.split("\0") if name]
 
 
-def stream_texts(notebook: Path) -> list[str]:
-    """The text of every stream output (stdout, stderr) of an executed notebook."""
+def stream_texts(notebook: Path, names: tuple[str, ...] = ("stdout", "stderr")) -> list[str]:
+    """The text of every stream output (of the streams ``names``) of an executed notebook."""
     cells = json.loads(notebook.read_text(encoding="utf-8")).get("cells", [])
     texts = []
     for cell in cells:
         for output in cell.get("outputs", []):
-            if output.get("output_type") == "stream":
+            if output.get("output_type") == "stream" and output.get("name") in names:
                 text = output.get("text", "")
                 texts.append("".join(text) if isinstance(text, list) else text)
     return texts
@@ -58,6 +58,13 @@ def test_no_progress_bar_noise_in_an_executed_notebook(path: Path) -> None:
     assert not noisy, f"{path.relative_to(REPO)} has progress-bar output: {noisy[:3]}"
 
 
+@pytest.mark.parametrize("path", [p for p in OUTPUTS if p.suffix == ".ipynb"], ids=lambda p: str(p.relative_to(REPO)))
+def test_no_stderr_in_an_executed_notebook(path: Path) -> None:
+    """Warnings and log lines on stderr render as red blocks on the site; what matters to a reader is printed."""
+    errors = [t[:120] for t in stream_texts(path, ("stderr",))]
+    assert not errors, f"{path.relative_to(REPO)} has stderr output: {errors[:3]}"
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     notebook = tmp_path / "n.ipynb"
     noise = "100%|##########| 10/10 [00:01<00:00,  9.5it/s]\n"
@@ -65,4 +72,5 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     cells = [{"cell_type": "code", "outputs": [{"output_type": "stream", "name": "stderr", "text": [noise]}]}]
     notebook.write_text(json.dumps({"cells": cells}))
     assert any("it/s]" in t for t in stream_texts(notebook))
+    assert stream_texts(notebook, ("stderr",)) == [noise] and stream_texts(notebook, ("stdout",)) == []
     assert {m.group(0) for m in MACHINE_PATHS.finditer(warning)} == {"/home/someone", "site-packages"}

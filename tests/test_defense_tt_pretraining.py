@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 
+import open_clip
 import pytest
 import torch
 
@@ -211,3 +213,14 @@ def test_gradients_reach_the_input(fitted: dict[str, AdversarialPretraining], ct
         x = ctx.sets.test.images[:4].clone().requires_grad_(True)
         defense.predict(x).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_fresh_clip_is_created_without_the_random_init_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """open_clip's notice that a model has no pretrained weights is the intent here and is not logged."""
+    with caplog.at_level(logging.WARNING):
+        model = fresh_clip("vlmd-small-clip", seed=3)
+    assert model.training and not [r for r in caplog.records if "pretrained" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        open_clip.create_model("vlmd-small-clip", pretrained=None)
+    assert any("No pretrained weights" in r.getMessage() for r in caplog.records)  # what is filtered
+    assert not logging.getLogger().filters

@@ -34,8 +34,9 @@ from vlmdefense.defenses.training_loop import inner_attack, with_training_eps
 from vlmdefense.workbench.clip import LoadedClip
 from vlmdefense.workbench.data import ImageSet, PromptSpec, load_digits_split, seen_mask
 from vlmdefense.workbench.evaluation import ZeroShotClassifier, accuracy
-from vlmdefense.workbench.models import SMALL_CLIP, Recipe, configure_threads, register_small_clip, set_seed
+from vlmdefense.workbench.models import Recipe, configure_threads, set_seed
 from vlmdefense.workbench.progress import progress_bar
+from vlmdefense.workbench.random_init import fresh_clip
 from vlmdefense.workbench.schedule import warmup_cosine_lr
 
 if TYPE_CHECKING:
@@ -90,16 +91,6 @@ class PretrainConfig:
     pretrain_data: str = "pretraining"
     train_limit: int | None = None
     seed: int = 0
-
-
-def fresh_clip(name: str, seed: int, device: str = "cpu") -> open_clip.CLIP:
-    """A randomly initialised CLIP of architecture ``name`` (no pretrained weights), seeded."""
-    if name == SMALL_CLIP:
-        register_small_clip()
-    set_seed(seed)
-    model = open_clip.create_model(name, pretrained=None, device=device)
-    model.train()
-    return model
 
 
 def caption_tokens(tokenizer: Any, prompts: PromptSpec) -> torch.Tensor:

@@ -17,13 +17,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
 from vlmdefense.defenses.training_time.finetuning import AdversarialFineTuning, Batch, FineTuneConfig
 from vlmdefense.workbench.evaluation import ZeroShotClassifier
-from vlmdefense.workbench.models import set_seed
+from vlmdefense.workbench.random_init import fresh_clip
 
 if TYPE_CHECKING:
     from vlmdefense.defenses.fit_data import FitData
@@ -97,8 +96,7 @@ class LAAT(AdversarialFineTuning):
     def _tuned_copy(self, data: FitData) -> ZeroShotClassifier:
         classifier = super()._tuned_copy(data)
         if self.config.init == "scratch":
-            set_seed(self.config.seed)
-            fresh = open_clip.create_model(data.clip.name, pretrained=None, device=data.device)
+            fresh = fresh_clip(data.clip.name, self.config.seed, data.device)
             classifier.model.visual.load_state_dict(fresh.visual.state_dict())
         if self.anchors is None:
             self.anchors = self.anchors_for(data)
