@@ -176,6 +176,28 @@ def test_mat_pairs_draw_distinct_templates_of_the_true_class(ctx: harness.Contex
         assert len(rows) == 3 and rows <= pool
 
 
+def test_mat_class_negatives_are_the_absent_training_classes_and_never_positive(ctx: harness.Context) -> None:
+    defense = create_defense("mat", **ctx.params)
+    assert isinstance(defense, MAT) and defense.config.class_negatives
+    defense.captions = torch.stack([ctx.base.clip.tokenizer(ctx.prompts.prompts(c)) for c in range(10)])
+    defense.train_classes = list(range(10))
+    classes = torch.tensor([0, 4, 4, 2])
+    negatives = defense._negative_tokens(classes)
+    absent = [1, 3, 5, 6, 7, 8, 9]
+    assert len(negatives) == len(absent)
+    for row, label in zip(negatives, absent, strict=True):
+        assert any(torch.equal(row, t) for t in defense.captions[label])
+    batch = {"classes": classes, "text_classes": torch.tensor([0, 4, 2]), "negatives": negatives}
+    positives = defense._image_to_text_positives(batch)
+    assert positives.shape == (4, 3 + len(absent)) and not positives[:, 3:].any()
+    expected = [[True, False, False], [False, True, False], [False, True, False], [False, False, True]]
+    assert positives[:, :3].tolist() == expected
+    plain = create_defense("mat", **{**ctx.params, "class_negatives": False})
+    assert isinstance(plain, MAT)
+    plain.captions, plain.train_classes = defense.captions, defense.train_classes
+    assert len(plain._negative_tokens(classes)) == 0
+
+
 # ---- LAAT -------------------------------------------------------------------------------------------
 
 

@@ -43,12 +43,16 @@ class MATConfig(FineTuneConfig):
         text_candidates: substitutions per caption, ranked by the first-order estimate, whose loss is
             evaluated exactly before the best is kept.
         train_text_tower: fine-tune the text tower as well as the image tower (MAT fine-tunes CLIP).
+        class_negatives: add one caption of every class of the training softmax (``train_text``) that the
+            batch lacks as an extra negative of the image-to-text loss and the image attack (``False``: the
+            batch's own captions only, so a class never in the batch is never pushed away).
     """
 
     captions_per_image: int = 2
     text_budget: int = 1
     text_candidates: int = 8
     train_text_tower: bool = True
+    class_negatives: bool = True
 
 
 def positive_mask(image_labels: torch.Tensor, text_labels: torch.Tensor) -> torch.Tensor:
@@ -184,22 +188,44 @@ class MAT(AdversarialFineTuning):
             tokens = substitute_words(
                 clip, tokens, loss_of, self.vocabulary, self.config.text_budget, self.config.text_candidates
             )
-        texts = encode_tokens(self.classifier.clip, tokens)
-        return {**batch, "tokens": tokens, "text_classes": text_classes, "classes": classes, "texts": texts}
+        negatives = self._negative_tokens(classes)
+        texts = encode_tokens(self.classifier.clip, torch.cat([tokens, negatives]))
+        return {
+            **batch,
+            "tokens": tokens,
+            "negatives": negatives,
+            "text_classes": text_classes,
+            "classes": classes,
+            "texts": texts,
+        }
+
+    def _negative_tokens(self, classes: torch.Tensor) -> torch.Tensor:
+        """One caption (a random template) of each training class absent from the batch, if ``class_negatives``."""
+        assert self.captions is not None
+        absent = sorted(set(self.train_classes) - set(classes.tolist())) if self.config.class_negatives else []
+        template = torch.randint(0, self.captions.shape[1], (len(absent),), generator=self._generator)
+        rows = torch.tensor(absent, dtype=torch.long, device=classes.device)
+        return self.captions[rows, template.to(classes.device)]
+
+    def _image_to_text_positives(self, batch: Batch) -> torch.Tensor:
+        """``(images, captions + negatives)``: the batch's same-class pairs; the negatives are never positive."""
+        positives = positive_mask(batch["classes"], batch["text_classes"])
+        return torch.cat([positives, positives.new_zeros(len(positives), len(batch["negatives"]))], dim=1)
 
     def attack_objective(self, batch: Batch, x_adv: torch.Tensor) -> torch.Tensor:
         assert self.classifier is not None
         logits = self._scale() * self.classifier.embed(x_adv) @ batch["texts"].T
-        return multi_positive_ce(logits, positive_mask(batch["classes"], batch["text_classes"])).mean()
+        return multi_positive_ce(logits, self._image_to_text_positives(batch)).mean()
 
     def training_loss(self, batch: Batch, x_adv: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         assert self.classifier is not None
         images = self.classifier.embed(x_adv)
-        texts = encode_tokens(self.classifier.clip, batch["tokens"])
+        texts = encode_tokens(self.classifier.clip, torch.cat([batch["tokens"], batch["negatives"]]))
         logits = self._scale() * images @ texts.T
-        positives = positive_mask(batch["classes"], batch["text_classes"])
+        positives = self._image_to_text_positives(batch)
+        captions = len(batch["tokens"])
         image_to_text = multi_positive_ce(logits, positives).mean()
-        text_to_image = multi_positive_ce(logits.T, positives.T).mean()
+        text_to_image = multi_positive_ce(logits[:, :captions].T, positives[:, :captions].T).mean()
         loss = (image_to_text + text_to_image) / 2
         return loss, {"i2t_adv": image_to_text.item(), "t2i_adv": text_to_image.item()}
 
