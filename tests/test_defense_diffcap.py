@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusion_helpers import random_unet_prior
 from vlmdefense.defenses import create_defense
 from vlmdefense.defenses.training_free.diffcap import (
     DiffCAP,
@@ -24,18 +25,9 @@ from vlmdefense.defenses.training_free.diffcap import (
 )
 from vlmdefense.defenses.training_free.diffusion_purification import diffuse, purify, reverse_sde
 from vlmdefense.workbench import harness
-from vlmdefense.workbench.diffusion_prior import DiffusionPrior, PriorRecipe, linear_betas
+from vlmdefense.workbench.diffusion_prior import DiffusionPrior
 
 N = 24
-
-
-def random_unet_prior() -> DiffusionPrior:
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    recipe = PriorRecipe(channels=(8, 16), norm_groups=4)
-    unet = UNet2DModel(**recipe.unet_config()).eval().requires_grad_(False)
-    return DiffusionPrior(unet, linear_betas(recipe), "random")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_helpers import random_unet_prior
 from vlmdefense.defenses import create_defense
 from vlmdefense.defenses.training_free.diffpure_vlm import (
     DiffPureVLM,
@@ -44,15 +45,6 @@ class Recording(nn.Module):
 def recording_prior() -> tuple[DiffusionPrior, Recording]:
     unet = Recording()
     return DiffusionPrior(unet, linear_betas(PriorRecipe()), "zero"), unet
-
-
-def random_unet_prior() -> DiffusionPrior:
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    recipe = PriorRecipe(channels=(8, 16), norm_groups=4)
-    unet = UNet2DModel(**recipe.unet_config()).eval().requires_grad_(False)
-    return DiffusionPrior(unet, linear_betas(recipe), "random")
 
 
 @pytest.fixture(scope="module")

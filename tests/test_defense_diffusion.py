@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_helpers import random_unet_prior
 from vlmdefense.defenses import create_defense
 from vlmdefense.defenses.training_free.diffpure import DiffPure, DiffPureConfig
 from vlmdefense.defenses.training_free.diffusion_purification import purify
@@ -39,15 +40,6 @@ class GaussianData(nn.Module):
 
 def gaussian_prior(mean: torch.Tensor, sd: float) -> DiffusionPrior:
     return DiffusionPrior(GaussianData(mean, sd), linear_betas(PriorRecipe()), "closed form")
-
-
-def random_unet_prior() -> DiffusionPrior:
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    recipe = PriorRecipe(channels=(8, 16), norm_groups=4)
-    unet = UNet2DModel(**recipe.unet_config()).eval().requires_grad_(False)
-    return DiffusionPrior(unet, linear_betas(recipe), "random")
 
 
 @pytest.fixture(scope="module")
