@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_helpers import random_unet_prior
+from diffusion_helpers import assert_surfaces_match_and_differ, random_unet_prior
 from vlmdefense.defenses import create_defense
 from vlmdefense.defenses.training_free.diffpure import DiffPure, DiffPureConfig
 from vlmdefense.defenses.training_free.diffusion_purification import purify
@@ -109,16 +109,7 @@ def test_fixed_seed_repeats_and_draws_differ(ctx: harness.Context) -> None:
 def test_full_gradient_is_nonzero_and_differs_from_bpda(ctx: harness.Context) -> None:
     pure = defense(ctx)
     x, y = ctx.sets.test.images[:N], ctx.sets.test.labels[:N]
-    grads = {}
-    for name, surface in pure.surfaces().items():
-        x_ = x.clone().requires_grad_(True)
-        torch.manual_seed(5)
-        logits = surface(x_)
-        torch.manual_seed(5)
-        assert torch.allclose(logits, pure.predict(x), atol=1e-5)  # the forward is the defended pipeline's
-        (grads[name],) = torch.autograd.grad(F.cross_entropy(logits, y), x_)
-    assert all(bool(g.isfinite().all()) and float(g.abs().sum()) > 0 for g in grads.values())
-    assert F.cosine_similarity(grads["full"].flatten(), grads["bpda"].flatten(), dim=0) < 0.99
+    assert_surfaces_match_and_differ(pure, x, y)
     assert pure.attack_surface is not None and DiffPure.attack_surface is not DiffPure.predict
 
 
