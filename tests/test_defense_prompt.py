@@ -105,6 +105,29 @@ def test_apt_fit_predict_static(ctx, batch):
     assert "backbone" not in findings  # backbone: original
 
 
+def test_apt_schedule_is_dassls_with_the_warmup_recounted(ctx, monkeypatch):
+    """APT's code trains with Dassl's scheduler: a constant warm-up epoch, then a cosine of period ``epochs``
+    counted from the end of the warm-up, so that no epoch trains at rate 0."""
+    import math
+
+    from vlmdefense.defenses.training_time import apt
+
+    seen: list = []
+
+    def no_training(loop, task, images, labels):
+        seen.append(loop)
+        return []
+
+    monkeypatch.setattr(apt.AdversarialLoop, "run", no_training)
+    epochs, lr, warmup_lr = 5, 0.01, 1e-5
+    params = {**ctx.params, "backbone": "original", "epochs": epochs, "warmup_epochs": 1, "lr": lr}
+    APT.from_params({**params, "warmup_lr": warmup_lr}).fit(ctx.fit_data())
+    rates = [seen[0].schedule(0, epoch, 0) for epoch in range(epochs)]
+    assert rates[0] == warmup_lr
+    assert rates[1:] == pytest.approx([lr * 0.5 * (1 + math.cos(math.pi * (e - 1) / epochs)) for e in range(1, epochs)])
+    assert rates[-1] > 0.09 * lr
+
+
 # ---- R-TPT ---------------------------------------------------------------------------------------------
 
 

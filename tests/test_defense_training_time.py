@@ -16,7 +16,7 @@ from vlmdefense.defenses.training_time.pmg_aft import PMGAFT, PMGAFTConfig
 from vlmdefense.defenses.training_time.tecoa import TeCoA
 from vlmdefense.workbench import harness
 from vlmdefense.workbench.attacks import PGD
-from vlmdefense.workbench.schedule import cosine_lr, warmup_cosine_lr
+from vlmdefense.workbench.schedule import cosine_lr, dassl_lr, warmup_cosine_lr
 
 METHODS = ("tecoa", "pmg-aft", "fare")
 
@@ -203,3 +203,10 @@ def test_one_schedule_repeats_the_three_former_schedules_exactly() -> None:
                     expected = _old_dassl(t, total, peak, warmup, 1e-5)
                     assert cosine_lr(t, total, peak, warmup=warmup, warmup_lr=1e-5, rounding="angle") == expected
                 assert cosine_lr(t, total, peak, rounding="angle") == _old_tapt(t, total, peak)
+
+
+def test_dassl_lr_recounts_the_warmup() -> None:
+    """Dassl's constant warm-up then a cosine of period ``max_epoch`` from the end of the warm-up."""
+    assert [dassl_lr(e, 4, 1.0, 2, 1e-3) for e in range(2)] == [1e-3, 1e-3]
+    assert [dassl_lr(e, 4, 1.0, 2, 1e-3) for e in range(2, 6)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)
+    assert dassl_lr(3, 4, 1.0, 0, 0.0) == pytest.approx(0.146447, abs=1e-6)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from vlmdefense.runs.detection import DetectionSection, detection_section
+from conftest import REPO
+from vlmdefense.runs.detection import DetectionSection
+from vlmdefense.runs.records import check_result_file, read_result, result_path
 from vlmdefense.workbench import detection as m
 
 
@@ -57,7 +62,7 @@ def test_roc_points_run_from_corner_to_corner() -> None:
     assert (0.0, 1.0) in points  # a threshold between the sets separates them
 
 
-def test_detection_section_round_trip() -> None:
+def test_detection_section_round_trip(tmp_path: Path) -> None:
     row = {
         "attack": "PGD-10",
         "eps": {"value": 8 / 255, "display": "8/255"},
@@ -85,8 +90,17 @@ def test_detection_section_round_trip() -> None:
         "mean_clean_score": 0.8,
         "rows": [row],
     }
-    parsed = detection_section({"detection": DetectionSection.model_validate(section).model_dump(mode="json")})
-    assert parsed is not None and parsed.row("PGD", "8/255", adaptive=False) is not None
+    base = read_result(result_path(REPO, "baseline", "smoke"))
+    stored = base.model_copy(update={"detection": {"deployed": DetectionSection.model_validate(section)}})
+    path = tmp_path / "reproductions" / "baseline" / "smoke" / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(stored.model_dump_json(indent=2), encoding="utf-8")
+    parsed = read_result(path).detection["deployed"]
+    assert parsed.row("PGD", "8/255", adaptive=False) is not None
     assert parsed.row("PGD", "8/255", adaptive=True) is None
-    assert detection_section({"detection": {**section, "threshold": "high"}}) is None
-    assert detection_section({}) is None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["detection"]["deployed"]["threshold"] = "high"
+    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    problems = check_result_file(path)
+    assert [p.field for p in problems] == ["detection.deployed.threshold"]
+    assert problems[0].line == next(n for n, t in enumerate(path.read_text().splitlines(), 1) if '"threshold"' in t)

@@ -9,6 +9,7 @@ import nbformat
 import pytest
 
 from conftest import REPO
+from vlmdefense.catalog.validation import load_valid_catalog
 from vlmdefense.runs.records import read_result, result_path
 from vlmdefense.runs.staleness import available_methods
 from vlmdefense.workbench import prose
@@ -50,3 +51,21 @@ def test_findings_are_rendered_from_the_record(method: str, monkeypatch: pytest.
 def test_the_template_shows_the_pattern() -> None:
     code, markdown = findings_cells(REPO / "notebooks" / "_template.ipynb")
     assert markdown == [] and len(code) == 1 and "Numbers(result)" in code[0]
+
+
+def test_detection_records_hold_their_detection_section() -> None:
+    """A detector's smoke record carries its detection metrics in the schema's ``detection`` field (transfer and
+    joint adaptive rows at the headline ε); no other record does."""
+    families = {e.id: e.family for e in load_valid_catalog(REPO / "catalog").entries}
+    for method in METHODS:
+        result = read_result(result_path(REPO, method, "smoke"))
+        if families.get(method) != "detection":
+            assert result.detection == {}, method
+            continue
+        section = result.detection.get("deployed")
+        assert section is not None, f"{method}: no detection section in its smoke record"
+        assert result.headline is not None
+        h = result.headline.eps.display
+        for adaptive in (False, True):
+            row = section.row("", h, adaptive)
+            assert row is not None and row.attacked_images == section.clean_images, (method, adaptive)

@@ -1,11 +1,11 @@
-"""The detection section of a method page: rendered from a record's findings, escaped, placed before the
-Limitations, and absent for records without one."""
+"""The detection section of a method page: rendered from a record's detection sections, escaped, placed before
+the Limitations, and absent for records without one."""
 
 from __future__ import annotations
 
 from conftest import REPO
 from vlmdefense.runs.detection import DetectionRow, DetectionSection
-from vlmdefense.runs.records import read_result, result_path
+from vlmdefense.runs.records import Result, read_result, result_path
 from vlmdefense.site.detection import detection_markdown, with_detection
 from vlmdefense.units import Epsilon
 
@@ -40,13 +40,13 @@ def section(attack: str = "joint PGD-10") -> DetectionSection:
     )
 
 
-def record(findings: dict[str, object]):  # type: ignore[no-untyped-def]
+def record(detection: dict[str, DetectionSection]) -> Result:
     base = read_result(result_path(REPO, "baseline", "smoke"))
-    return base.model_copy(update={"findings": findings})
+    return base.model_copy(update={"detection": detection})
 
 
 def test_section_shows_the_numbers_and_escapes_text() -> None:
-    result = record({"detection": section("<b>joint</b>").model_dump(mode="json")})
+    result = record({"deployed": section("<b>joint</b>")})
     text = detection_markdown([("smoke", result)])
     assert text.startswith("## Detection") and "### Detection (smoke)" in text
     assert "0.460" in text and "0.59" in text and "78.3 %" in text and "| 20.7 | 80.0 | 20.0 |" in text
@@ -55,11 +55,10 @@ def test_section_shows_the_numbers_and_escapes_text() -> None:
 
 def test_section_goes_before_the_limitations_and_only_when_present() -> None:
     page = "# X\n\n## Reproduced here\n\nrows\n\n## Limitations\n\n- one\n"
-    result = record({"detection": section().model_dump(mode="json"), "detection_stochastic": section().model_dump()})
+    result = record({"deployed": section(), "stochastic": section()})
     out = with_detection(page, [("smoke", result)])
     assert out.index("## Detection") < out.index("## Limitations") and out.index("## Reproduced here") < out.index(
         "## Detection"
     )
     assert "stochastic variant" in out
     assert with_detection(page, [("smoke", record({}))]) == page
-    assert with_detection(page, [("smoke", record({"detection": {"threshold": "bad"}}))]) == page

@@ -4,16 +4,16 @@ averaged, as the papers' tables are laid out."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from vlmdefense.catalog.schema import Reported
 from vlmdefense.problems import Problem, display_path
-from vlmdefense.runs.records import RESULT_FILE, Audit, Provenance, Record, RobustEntry, RunStatus, json_line
+from vlmdefense.runs.record_base import Record, json_line, parse_record_file
+from vlmdefense.runs.records import RESULT_FILE, Audit, Provenance, RobustEntry, RunStatus
 from vlmdefense.units import Epsilon, Percent
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -92,31 +92,14 @@ def checkpoint_result_path(root: Path, slug: str, profile: str) -> Path:
 
 def check_checkpoint_file(path: Path) -> list[Problem]:
     """Every problem of a checkpoint record: JSON, schema, and the folder it must sit in."""
-    shown = display_path(Path(path))
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        data = json.loads(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        return [Problem(shown, 1, "-", f"cannot read result: {exc}")]
-    except json.JSONDecodeError as exc:
-        return [Problem(shown, exc.lineno, "-", f"invalid JSON: {exc.msg}")]
-    try:
-        result = CheckpointResult.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc = tuple(error["loc"])
-            key = next((p for p in reversed(loc) if isinstance(p, str)), None)
-            field = ".".join(str(p) for p in loc) or "-"
-            problems.append(
-                Problem(shown, json_line(text, key), field, str(error["msg"]).removeprefix("Value error, "))
-            )
+    result, text, problems = parse_record_file(path, CheckpointResult)
+    if result is None:
         return problems
     parts = Path(path).resolve().parts
     if len(parts) >= 3 and (parts[-3], parts[-2]) != (result.slug, result.profile):
         return [
             Problem(
-                shown,
+                display_path(Path(path)),
                 json_line(text, "slug"),
                 "slug",
                 f"file belongs in reproductions/{CHECKPOINTS_DIR}/{result.slug}/{result.profile}/{RESULT_FILE}",

@@ -1,17 +1,12 @@
-"""The detection section of a result record: what a detector (MirrorCheck) measured beside the classifier's
-clean and robust accuracy. Today a notebook stores it validated under ``findings["detection"]``
-(:meth:`DetectionSection.model_dump`); :func:`detection_section` reads it back from a record."""
+"""The detection section of a result record (``Result.detection``, by variant): what a detector (MirrorCheck)
+measured beside the classifier's clean and robust accuracy."""
 
 from __future__ import annotations
 
-from typing import Any
+from pydantic import Field
 
-from pydantic import Field, ValidationError
-
-from vlmdefense.runs.records import Record
+from vlmdefense.runs.record_base import Record
 from vlmdefense.units import Epsilon, Percent
-
-FINDINGS_KEY = "detection"
 
 
 class DetectionRow(Record):
@@ -64,14 +59,3 @@ class DetectionSection(Record):
             ),
             None,
         )
-
-
-def detection_section(findings: dict[str, Any] | None) -> DetectionSection | None:
-    """The validated section stored under ``findings["detection"]``; None when absent or invalid."""
-    raw = (findings or {}).get(FINDINGS_KEY)
-    if not isinstance(raw, dict):
-        return None
-    try:
-        return DetectionSection.model_validate(raw)
-    except ValidationError:
-        return None

@@ -7,20 +7,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+from pydantic import Field, JsonValue
 
 from vlmdefense.catalog.schema import Reported
 from vlmdefense.problems import Problem, display_path
+from vlmdefense.runs.detection import DetectionSection
+from vlmdefense.runs.record_base import Record, json_line, parse_record_file
 from vlmdefense.units import Epsilon, Percent
 
 RESULT_FILE = "result.json"
 RESULT_SCHEMA_FILE = "result.schema.json"
-
-
-class Record(BaseModel):
-    """Base of result models: unknown keys are kept out (errors), values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RunStatus(str, Enum):
@@ -196,6 +192,10 @@ class Result(Record):
     reported: list[Reported] = Field(default_factory=list, description="the paper's numbers, from the catalog")
     findings: dict[str, JsonValue] = Field(default_factory=dict, description="method-specific measurements")
     audit: Audit | None = Field(None, description="sanity checks of this result's own evaluation")
+    detection: dict[str, DetectionSection] = Field(
+        default_factory=dict,
+        description="a detector's operating point and detection of each attack, by variant (detection defenses)",
+    )
     provenance: Provenance | None = None
     run: RunInfo | None = None
 
@@ -241,40 +241,14 @@ def read_result(path: Path) -> Result:
     return Result.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
-def json_line(text: str, key: str | int | None) -> int:
-    """Best-effort line of a key in pretty-printed JSON (1 when unknown)."""
-    if isinstance(key, str):
-        needle = f'"{key}":'
-        for number, line in enumerate(text.splitlines(), start=1):
-            if needle in line:
-                return number
-    return 1
-
-
 def check_result_file(
     path: Path, known_methods: set[str] | None = None, known_profiles: set[str] | None = None
 ) -> list[Problem]:
     """All problems of a result file: JSON, schema, provenance present, method and profile known,
     and the file's place (``reproductions/<method>/<profile>/result.json``)."""
     shown = display_path(Path(path))
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        data = json.loads(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        return [Problem(shown, 1, "-", f"cannot read result: {exc}")]
-    except json.JSONDecodeError as exc:
-        return [Problem(shown, exc.lineno, "-", f"invalid JSON: {exc.msg}")]
-    try:
-        result = Result.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc = tuple(error["loc"])
-            field = ".".join(str(p) for p in loc) or "-"
-            key = next((p for p in reversed(loc) if isinstance(p, str)), None)
-            problems.append(
-                Problem(shown, json_line(text, key), field, str(error["msg"]).removeprefix("Value error, "))
-            )
+    result, text, problems = parse_record_file(path, Result)
+    if result is None:
         return problems
     problems = []
     if result.provenance is None:

@@ -1,15 +1,15 @@
 """The detection section of a method page: a detector's operating point and its detection of each attack, from
-the validated section a record stores under ``findings["detection"]`` (and ``detection_stochastic``)."""
+the record's ``detection`` sections (one per variant)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vlmdefense.runs.detection import DetectionSection, detection_section
+from vlmdefense.runs.detection import DetectionSection
 from vlmdefense.runs.records import Result
 from vlmdefense.site.render import environment
 
-SECTIONS = (("detection", "Detection"), ("detection_stochastic", "Detection, stochastic variant"))
+TITLES = {"deployed": "Detection", "stochastic": "Detection, stochastic variant"}
 ANCHORS = ("## Limitations", "## Related methods")
 
 TEMPLATE = (
@@ -31,13 +31,8 @@ TEMPLATE = (
 
 
 def sections(result: Result) -> list[tuple[str, DetectionSection]]:
-    """(title, section) of each detection section the record holds."""
-    found = []
-    for key, title in SECTIONS:
-        section = detection_section({"detection": result.findings.get(key)})
-        if section is not None:
-            found.append((title, section))
-    return found
+    """(title, section) of each detection section the record holds, in the record's order."""
+    return [(TITLES.get(key, f"Detection, {key}"), section) for key, section in result.detection.items()]
 
 
 def detection_markdown(runs: Sequence[tuple[str, Result]]) -> str:

@@ -138,6 +138,30 @@ class _CallableModule(nn.Module):
         return self.fn(images)
 
 
+def _attack_name(kind: str, steps: int, norm: NormName, eot_samples: int) -> str:
+    """E.g. ``APGD-CE-10``, ``APGD-T-L2-100+EOT-4``."""
+    base = f"{kind}-{steps}" if norm == "linf" else f"{kind}-L2-{steps}"
+    return base + (f"+EOT-{eot_samples}" if eot_samples > 1 else "")
+
+
+def _through_torchattacks(
+    attack_class: Any,
+    options: dict[str, Any],
+    model: Predictor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    norm: NormName,
+) -> torch.Tensor:
+    """Run torchattacks' ``attack_class`` (with ``options``) on ``model`` at budget ``eps`` in ``norm``, and
+    return its images projected onto the ε-ball of ``images`` and [0, 1] (its own clipping is not trusted to
+    be exact)."""
+    wrapped = _CallableModule(model, images.device)
+    attack = attack_class(wrapped, norm="Linf" if norm == "linf" else "L2", eps=eps, **options)
+    adversarial = attack(images, labels)
+    return (images + project(adversarial - images, eps, norm)).clamp(0, 1).detach()
+
+
 @dataclass
 class APGD:
     """APGD with cross-entropy loss (Croce & Hein, 2020), through torchattacks' implementation.
@@ -157,8 +181,7 @@ class APGD:
     @property
     def name(self) -> str:
         """E.g. ``APGD-CE-10``."""
-        base = f"APGD-CE-{self.steps}" if self.norm == "linf" else f"APGD-CE-L2-{self.steps}"
-        return base + (f"+EOT-{self.eot_samples}" if self.eot_samples > 1 else "")
+        return _attack_name("APGD-CE", self.steps, self.norm, self.eot_samples)
 
     def __call__(self, model: Predictor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         import torchattacks
@@ -166,20 +189,14 @@ class APGD:
         images = images.detach()
         if self.eps == 0 or self.steps == 0:
             return images.clone()
-        wrapped = _CallableModule(model, images.device)
-        attack = torchattacks.APGD(
-            wrapped,
-            norm="Linf" if self.norm == "linf" else "L2",
-            eps=self.eps,
-            steps=self.steps,
-            n_restarts=self.restarts,
-            seed=self.seed,
-            loss="ce",
-            eot_iter=self.eot_samples,
-        )
-        adversarial = attack(images, labels)
-        delta = project(adversarial - images, self.eps, self.norm)
-        return (images + delta).clamp(0, 1).detach()
+        options = {
+            "steps": self.steps,
+            "n_restarts": self.restarts,
+            "seed": self.seed,
+            "loss": "ce",
+            "eot_iter": self.eot_samples,
+        }
+        return _through_torchattacks(torchattacks.APGD, options, model, images, labels, self.eps, self.norm)
 
 
 @dataclass
@@ -202,8 +219,7 @@ class APGDT:
     @property
     def name(self) -> str:
         """E.g. ``APGD-T-100``."""
-        base = f"APGD-T-{self.steps}" if self.norm == "linf" else f"APGD-T-L2-{self.steps}"
-        return base + (f"+EOT-{self.eot_samples}" if self.eot_samples > 1 else "")
+        return _attack_name("APGD-T", self.steps, self.norm, self.eot_samples)
 
     def __call__(self, model: Predictor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         import torchattacks
@@ -215,20 +231,14 @@ class APGDT:
             classes = int(model(images[:1]).shape[-1])
         if classes < 4:  # the targeted DLR loss reads the four largest logits (AutoAttack skips it below that)
             return images.clone()
-        wrapped = _CallableModule(model, images.device)
-        attack = torchattacks.APGDT(
-            wrapped,
-            norm="Linf" if self.norm == "linf" else "L2",
-            eps=self.eps,
-            steps=self.steps,
-            n_restarts=1,
-            seed=self.seed,
-            eot_iter=self.eot_samples,
-            n_classes=min(self.n_targets, classes - 1) + 1,
-        )
-        adversarial = attack(images, labels)
-        delta = project(adversarial - images, self.eps, self.norm)
-        return (images + delta).clamp(0, 1).detach()
+        options = {
+            "steps": self.steps,
+            "n_restarts": 1,
+            "seed": self.seed,
+            "eot_iter": self.eot_samples,
+            "n_classes": min(self.n_targets, classes - 1) + 1,
+        }
+        return _through_torchattacks(torchattacks.APGDT, options, model, images, labels, self.eps, self.norm)
 
 
 Attack = PGD | APGD | APGDT

@@ -8,7 +8,6 @@ measurement as every reproduction (:func:`vlmdefense.workbench.harness.measure`)
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -35,6 +34,7 @@ from vlmdefense.workbench.context import Context, budgets
 from vlmdefense.workbench.data import ImageSet
 from vlmdefense.workbench.evaluation import EvalSets, ZeroShotClassifier
 from vlmdefense.workbench.harness import measure
+from vlmdefense.workbench.model_cache import file_sha256
 from vlmdefense.workbench.models import LoadedClip, configure_threads, load_clip, set_seed
 from vlmdefense.workbench.suite import SuiteDataset, SuiteSpec, load_suite_dataset
 
@@ -56,15 +56,6 @@ class CheckpointSpec:
         if self.pretrained and Path(self.pretrained).is_file():
             return Path(self.pretrained).name
         return self.pretrained
-
-
-def sha256_of(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cached_weights(model: str, pretrained: str | None) -> Path | None:
@@ -109,7 +100,7 @@ def weights_digests(spec: CheckpointSpec) -> dict[str, str]:
             files.append(cached)
     if spec.visual is not None:
         files.append(Path(spec.visual))
-    return {path.name: sha256_of(path) for path in files}
+    return {path.name: file_sha256(path) for path in files}
 
 
 def load_visual_weights(clip: LoadedClip, path: Path) -> None:

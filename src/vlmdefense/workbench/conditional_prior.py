@@ -19,21 +19,24 @@ import hashlib
 import io
 import json
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json
 from vlmdefense.workbench.data import load_digits_split
-from vlmdefense.workbench.diffusion_prior import _curve, _local_schedule, _shift, grid_png
-from vlmdefense.workbench.models import cache_dir, configure_threads, set_seed
-from vlmdefense.workbench.progress import progress_bar
-from vlmdefense.workbench.schedule import warmup_cosine_lr
+from vlmdefense.workbench.diffusion_prior import PriorTraining, denoising_loss, train_unet
+from vlmdefense.workbench.model_cache import (
+    cached_weights,
+    file_sha256,
+    grid_png,
+    local_linear_schedule,
+    local_unet_dir,
+    loss_curve,
+)
+from vlmdefense.workbench.models import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -156,66 +159,20 @@ def schedule(recipe: ConditionalRecipe) -> torch.Tensor:
     return torch.linspace(recipe.beta_start, recipe.beta_end, recipe.train_timesteps, dtype=torch.float32)
 
 
-def conditional_denoising_loss(
-    unet: Any, x0: torch.Tensor, labels: torch.Tensor, betas: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """The DDPM objective of Ho et al. with the class as a condition."""
-    steps = torch.randint(0, len(betas), (len(x0),), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
-    abar = torch.cumprod(1 - betas, dim=0)[steps].view(-1, 1, 1, 1)
-    noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    return F.mse_loss(unet(noisy, steps, class_labels=labels).sample, noise)
-
-
 def train_conditional_prior(
     recipe: ConditionalRecipe, images: torch.Tensor, labels: torch.Tensor, progress: bool = True
-) -> tuple[Any, dict[str, Any]]:
-    """Train the UNet of ``recipe`` on [0, 1] ``images`` with their ``labels``; returns the EMA model and what
-    was measured (wall and CPU seconds, threads, per-step losses)."""
-    from diffusers import UNet2DModel
+) -> tuple[Any, PriorTraining]:
+    """Train the UNet of ``recipe`` on [0, 1] ``images`` with their ``labels`` (each replaced by the null class
+    with probability ``label_dropout``, for guidance); returns the EMA model and what was measured."""
 
-    configure_threads()
-    set_seed(recipe.seed)
-    unet: Any = UNet2DModel(**recipe.unet_config())
-    ema: Any = UNet2DModel(**recipe.unet_config())
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    generator = torch.Generator().manual_seed(recipe.seed)
     betas = schedule(recipe)
-    data = images * 2 - 1
-    losses: list[float] = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    unet.train()
-    bar = progress_bar(total=recipe.steps, desc="train class-conditional prior", disable=not progress)
-    order, cursor = torch.randperm(len(data), generator=generator), 0
-    for step in range(recipe.steps):
-        if cursor + recipe.batch_size > len(order):
-            order, cursor = torch.randperm(len(data), generator=generator), 0
-        index = order[cursor : cursor + recipe.batch_size]
-        cursor += recipe.batch_size
-        batch = _shift(data[index] + 1, recipe.translate_px, generator) - 1  # pad with the background (-1)
+
+    def batch_loss(unet: Any, index: torch.Tensor, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         drop = torch.rand(len(index), generator=generator) < recipe.label_dropout
         batch_labels = torch.where(drop, torch.full_like(labels[index], recipe.classes), labels[index])
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup_fraction)
-        loss = conditional_denoising_loss(unet, batch, batch_labels, betas, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for averaged, current in zip(ema.parameters(), unet.parameters(), strict=True):
-                averaged.lerp_(current, 1 - recipe.ema_decay)
-        losses.append(loss.item())
-        bar.update(1)
-    bar.close()
-    ema.eval()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return ema, {"seconds": seconds, "cpu_seconds": cpu, "threads": torch.get_num_threads(), "losses": losses}
+        return denoising_loss(unet, batch, betas, generator, batch_labels)
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return train_unet(recipe, images, batch_loss, "train class-conditional prior", progress)
 
 
 def conditional_prior_paths(recipe: ConditionalRecipe | None = None) -> tuple[Path, Path, Path]:
@@ -242,13 +199,12 @@ def write_conditional_prior(recipe: ConditionalRecipe, progress: bool = True) ->
     prior = ConditionalPrior(unet, schedule(recipe), recipe.classes, str(weights.parent))
     generator = torch.Generator().manual_seed(recipe.seed)
     with torch.no_grad():
-        test_loss = float(conditional_denoising_loss(unet, test.images * 2 - 1, test.labels, prior.betas, generator))
+        test_loss = float(denoising_loss(unet, test.images * 2 - 1, prior.betas, generator, test.labels))
     per_class = 8
     grid_labels = torch.arange(recipe.classes).repeat_interleave(per_class)
     samples = prior.sample(grid_labels, GRID_STEPS, GRID_GUIDANCE, torch.Generator().manual_seed(recipe.seed))
     atomic_write_bytes(grid_path, grid_png(samples, columns=per_class))
-    losses = report["losses"]
-    every = max(1, math.ceil(len(losses) / 100))
+    curve, final_loss = loss_curve(report.losses)
     card = {
         "model": SMALL_CONDITIONAL_PRIOR,
         "recipe": asdict(recipe),
@@ -257,11 +213,11 @@ def write_conditional_prior(recipe: ConditionalRecipe, progress: bool = True) ->
         "unet": recipe.unet_config(),
         "parameters": sum(p.numel() for p in unet.parameters()),
         "train_images": len(train),
-        "train_seconds": round(report["seconds"], 2),
-        "train_cpu_seconds": round(report["cpu_seconds"], 2),
-        "threads": report["threads"],
-        "final_loss": round(sum(losses[-every:]) / every, 5),
-        "loss_curve": {"every_steps": every, "mean_loss": _curve(losses, every)},
+        "train_seconds": round(report.seconds, 2),
+        "train_cpu_seconds": round(report.cpu_seconds, 2),
+        "threads": report.threads,
+        "final_loss": final_loss,
+        "loss_curve": curve,
         "metrics": {"test_denoising_mse": round(test_loss, 5)},
         "sample_grid": {
             "file": grid_path.name,
@@ -269,12 +225,12 @@ def write_conditional_prior(recipe: ConditionalRecipe, progress: bool = True) ->
             "rows": "one row per class, 0 to 9",
             "sampler": f"DDIM (eta 0), {GRID_STEPS} strided steps, guidance {GRID_GUIDANCE}",
         },
-        "sha256": _sha256(weights),
+        "sha256": file_sha256(weights),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
     }
     atomic_write_json(card_path, card)
-    logger.info("class-conditional prior: loss %.4f after %.1f s", card["final_loss"], report["seconds"])
+    logger.info("class-conditional prior: loss %.4f after %.1f s", card["final_loss"], report.seconds)
     return weights, card
 
 
@@ -282,13 +238,9 @@ def ensure_conditional_prior(recipe: ConditionalRecipe | None = None, progress: 
     """The cached weights of ``recipe``, trained first when missing or not matching their card."""
     recipe = recipe or ConditionalRecipe()
     weights, card_path, _ = conditional_prior_paths(recipe)
-    if weights.is_file() and card_path.is_file():
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        if card.get("sha256") == _sha256(weights):
-            return weights
-        logger.warning("cached conditional prior %s does not match its card: training it again", weights)
-    weights, _ = write_conditional_prior(recipe, progress=progress)
-    return weights
+    return cached_weights(
+        weights, card_path, lambda: write_conditional_prior(recipe, progress=progress)[0], "conditional prior"
+    )
 
 
 def load_conditional_prior(
@@ -317,16 +269,12 @@ def load_conditional_prior(
         card = json.loads(conditional_prior_paths(recipe)[1].read_text(encoding="utf-8"))
         prior = ConditionalPrior(unet, schedule(recipe), recipe.classes, str(weights.parent), card)
     else:
-        path = Path(pretrained)
-        if not path.is_dir():
-            raise FileNotFoundError(f"conditional diffusion checkpoint {path} not found (a local diffusers UNet)")
-        if not (path / "config.json").is_file() and (path / "unet" / "config.json").is_file():
-            path = path / "unet"
+        path = local_unet_dir(pretrained, "conditional diffusion checkpoint")
         unet = UNet2DModel.from_pretrained(path, local_files_only=True)
         classes = unet.config.num_class_embeds
         if not classes:
             raise ValueError(f"{path}: the UNet has no class embeddings (num_class_embeds)")
         card = {"model": str(path), "unet": dict(unet.config)}
-        prior = ConditionalPrior(unet, _local_schedule(path), int(classes) - 1, str(path), card)
+        prior = ConditionalPrior(unet, local_linear_schedule(path), int(classes) - 1, str(path), card)
     prior.unet.eval().requires_grad_(False)
     return prior.to(device)

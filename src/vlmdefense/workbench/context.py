@@ -13,6 +13,7 @@ import torch
 from vlmdefense.defenses.base import Defense
 from vlmdefense.defenses.fit_data import FitData
 from vlmdefense.paths import find_root
+from vlmdefense.runs.detection import DetectionSection
 from vlmdefense.runs.profiles import load_profiles, method_parameters
 from vlmdefense.runs.provenance import now_iso
 from vlmdefense.units import Epsilon
@@ -55,6 +56,7 @@ class Context:
     model_card: dict[str, Any] | None = None
     train_seconds: float = 0.0
     findings: dict[str, Any] = field(default_factory=dict)
+    detection: dict[str, DetectionSection] = field(default_factory=dict)  # Result.detection, by variant
 
     @property
     def eps(self) -> list[Epsilon]:

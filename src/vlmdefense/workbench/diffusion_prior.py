@@ -16,8 +16,8 @@ import hashlib
 import io
 import json
 import logging
-import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,15 @@ import torch.nn.functional as F
 
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json
 from vlmdefense.workbench.data import load_digits_split
+from vlmdefense.workbench.model_cache import (
+    cached_weights,
+    file_sha256,
+    grid_png,
+    local_linear_schedule,
+    local_unet_dir,
+    loss_curve,
+    random_shift,
+)
 from vlmdefense.workbench.models import cache_dir, configure_threads, set_seed
 from vlmdefense.workbench.progress import progress_bar
 from vlmdefense.workbench.schedule import warmup_cosine_lr
@@ -156,16 +165,6 @@ def linear_betas(recipe: PriorRecipe) -> torch.Tensor:
     return torch.linspace(recipe.beta_start, recipe.beta_end, recipe.train_timesteps, dtype=torch.float32)
 
 
-def _shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image shifted by up to ``pixels`` in x and y, zero (black) padding."""
-    if pixels <= 0:
-        return images
-    size = images.shape[-1]
-    padded = F.pad(images, (pixels,) * 4)
-    shifts = torch.randint(0, 2 * pixels + 1, (len(images), 2), generator=generator)
-    return torch.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dx, dy) in enumerate(shifts.tolist())])
-
-
 @dataclass
 class PriorTraining:
     """What :func:`train_prior` measured: wall and CPU seconds, the per-step losses."""
@@ -176,17 +175,32 @@ class PriorTraining:
     losses: list[float]
 
 
-def denoising_loss(unet: Any, x0: torch.Tensor, betas: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The DDPM objective (Ho et al.): mean squared error of the predicted noise at uniform random steps."""
+def denoising_loss(
+    unet: Any,
+    x0: torch.Tensor,
+    betas: torch.Tensor,
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The DDPM objective (Ho et al.): mean squared error of the predicted noise at uniform random steps,
+    conditioned on the class ``labels`` when given."""
     steps = torch.randint(0, len(betas), (len(x0),), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     abar = torch.cumprod(1 - betas, dim=0)[steps].view(-1, 1, 1, 1)
     noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    return F.mse_loss(unet(noisy, steps).sample, noise)
+    predicted = unet(noisy, steps).sample if labels is None else unet(noisy, steps, class_labels=labels).sample
+    return F.mse_loss(predicted, noise)
 
 
-def train_prior(recipe: PriorRecipe, images: torch.Tensor, progress: bool = True) -> tuple[Any, PriorTraining]:
-    """Train the UNet of ``recipe`` on [0, 1] ``images`` (N, 3, S, S); returns the EMA weights' model."""
+BatchLoss = Callable[[Any, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def train_unet(
+    recipe: Any, images: torch.Tensor, batch_loss: BatchLoss, desc: str, progress: bool = True
+) -> tuple[Any, PriorTraining]:
+    """Train a ``UNet2DModel`` of ``recipe`` (seed, rate, batch, steps, shift, EMA) on [0, 1] ``images``, the
+    batches in seeded random order, shifted, and scored by ``batch_loss(unet, indices, batch, generator)``;
+    returns the EMA weights' model and what was measured."""
     from diffusers import UNet2DModel
 
     configure_threads()
@@ -197,23 +211,21 @@ def train_prior(recipe: PriorRecipe, images: torch.Tensor, progress: bool = True
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed)
-    betas = linear_betas(recipe)
     data = images * 2 - 1
     losses: list[float] = []
     start, cpu_start = time.perf_counter(), time.process_time()
     unet.train()
-    bar = progress_bar(total=recipe.steps, desc="train small diffusion prior", disable=not progress)
-    order = torch.randperm(len(data), generator=generator)
-    cursor = 0
+    bar = progress_bar(total=recipe.steps, desc=desc, disable=not progress)
+    order, cursor = torch.randperm(len(data), generator=generator), 0
     for step in range(recipe.steps):
         if cursor + recipe.batch_size > len(order):
             order, cursor = torch.randperm(len(data), generator=generator), 0
-        batch = data[order[cursor : cursor + recipe.batch_size]]
+        index = order[cursor : cursor + recipe.batch_size]
         cursor += recipe.batch_size
-        batch = _shift(batch + 1, recipe.translate_px, generator) - 1  # pad with the background (-1)
+        batch = random_shift(data[index] + 1, recipe.translate_px, generator) - 1  # pad with the background (-1)
         for group in optimizer.param_groups:
             group["lr"] = warmup_cosine_lr(step, recipe.steps, recipe.lr, recipe.warmup_fraction)
-        loss = denoising_loss(unet, batch, betas, generator)
+        loss = batch_loss(unet, index, batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -230,8 +242,14 @@ def train_prior(recipe: PriorRecipe, images: torch.Tensor, progress: bool = True
     return ema, report
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def train_prior(recipe: PriorRecipe, images: torch.Tensor, progress: bool = True) -> tuple[Any, PriorTraining]:
+    """Train the UNet of ``recipe`` on [0, 1] ``images`` (N, 3, S, S); returns the EMA weights' model."""
+    betas = linear_betas(recipe)
+
+    def batch_loss(unet: Any, index: torch.Tensor, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return denoising_loss(unet, batch, betas, generator)
+
+    return train_unet(recipe, images, batch_loss, "train small diffusion prior", progress)
 
 
 def prior_paths(recipe: PriorRecipe | None = None, root: Path | None = None) -> tuple[Path, Path, Path]:
@@ -239,25 +257,6 @@ def prior_paths(recipe: PriorRecipe | None = None, root: Path | None = None) -> 
     recipe = recipe or PriorRecipe()
     folder = (root or cache_dir()) / "models" / f"{SMALL_PRIOR}-{recipe.key()}"
     return folder / "model.pt", folder / "card.json", folder / "samples.png"
-
-
-def grid_png(images: torch.Tensor, columns: int = 8, scale: int = 4) -> bytes:
-    """[0, 1] images (N, 3, S, S) as one PNG grid, each image enlarged ``scale`` times."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=columns, padding=1, pad_value=0.5)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    image = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _curve(losses: list[float], every: int) -> list[float]:
-    return [
-        round(sum(chunk) / len(chunk), 5) for chunk in (losses[i : i + every] for i in range(0, len(losses), every))
-    ]
 
 
 def write_prior(recipe: PriorRecipe, progress: bool = True, grid: int = 64) -> tuple[Path, dict[str, Any]]:
@@ -280,7 +279,7 @@ def write_prior(recipe: PriorRecipe, progress: bool = True, grid: int = 64) -> t
         test_loss = float(denoising_loss(unet, test.images * 2 - 1, prior.betas, generator))
     samples = prior.sample(grid, torch.Generator().manual_seed(recipe.seed), steps=GRID_STEPS)
     atomic_write_bytes(grid_path, grid_png(samples))
-    every = max(1, math.ceil(len(report.losses) / 100))
+    curve, final_loss = loss_curve(report.losses)
     card = {
         "model": SMALL_PRIOR,
         "recipe": asdict(recipe),
@@ -292,15 +291,15 @@ def write_prior(recipe: PriorRecipe, progress: bool = True, grid: int = 64) -> t
         "train_seconds": round(report.seconds, 2),
         "train_cpu_seconds": round(report.cpu_seconds, 2),
         "threads": report.threads,
-        "final_loss": round(sum(report.losses[-every:]) / every, 5),
-        "loss_curve": {"every_steps": every, "mean_loss": _curve(report.losses, every)},
+        "final_loss": final_loss,
+        "loss_curve": curve,
         "metrics": {"test_denoising_mse": round(test_loss, 5)},
         "sample_grid": {
             "file": grid_path.name,
             "images": grid,
             "sampler": f"ancestral DDPM, {GRID_STEPS} strided steps",
         },
-        "sha256": _sha256(weights),
+        "sha256": file_sha256(weights),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
     }
@@ -313,34 +312,15 @@ def ensure_prior(recipe: PriorRecipe | None = None, progress: bool = True) -> Pa
     """The cached weights of ``recipe``, trained first when missing or not matching their card."""
     recipe = recipe or PriorRecipe()
     weights, card_path, _ = prior_paths(recipe)
-    if weights.is_file() and card_path.is_file():
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        if card.get("sha256") == _sha256(weights):
-            return weights
-        logger.warning("cached diffusion prior %s does not match its card: training it again", weights)
-    weights, _ = write_prior(recipe, progress=progress)
-    return weights
+    return cached_weights(
+        weights, card_path, lambda: write_prior(recipe, progress=progress)[0], "small diffusion prior"
+    )
 
 
 def prior_card(recipe: PriorRecipe | None = None) -> dict[str, Any]:
     """The card of the cached small prior (training it first if needed)."""
     ensure_prior(recipe)
     return json.loads(prior_paths(recipe)[1].read_text(encoding="utf-8"))
-
-
-def _local_schedule(path: Path) -> torch.Tensor:
-    """The linear schedule of a local checkpoint's scheduler config (``scheduler_config.json`` beside the
-    UNet, or in ``scheduler/`` or ``../scheduler/``); the DDPM default when none is there."""
-    for candidate in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
-        if candidate.is_file():
-            break
-    else:
-        candidate = path.parent / "scheduler" / "scheduler_config.json"
-    config = json.loads(candidate.read_text(encoding="utf-8")) if candidate.is_file() else {}
-    if config.get("beta_schedule", "linear") != "linear" or config.get("trained_betas"):
-        raise ValueError(f"{candidate}: only the linear schedule (a VP-SDE) is supported")
-    n = int(config.get("num_train_timesteps", 1000))
-    return torch.linspace(float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)), n)
 
 
 def load_diffusion_prior(
@@ -368,12 +348,10 @@ def load_diffusion_prior(
         card = json.loads(prior_paths(recipe)[1].read_text(encoding="utf-8"))
         prior = DiffusionPrior(unet, linear_betas(recipe), str(weights.parent), card)
     else:
-        path = Path(pretrained)
-        if not path.is_dir():
-            raise FileNotFoundError(f"diffusion checkpoint {path} not found (a local diffusers UNet directory)")
-        if not (path / "config.json").is_file() and (path / "unet" / "config.json").is_file():
-            path = path / "unet"
+        path = local_unet_dir(pretrained, "diffusion checkpoint")
         unet = UNet2DModel.from_pretrained(path, local_files_only=True)
-        prior = DiffusionPrior(unet, _local_schedule(path), str(path), {"model": str(path), "unet": dict(unet.config)})
+        prior = DiffusionPrior(
+            unet, local_linear_schedule(path), str(path), {"model": str(path), "unet": dict(unet.config)}
+        )
     prior.unet.eval().requires_grad_(False)
     return prior.to(device)

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json
 from vlmdefense.workbench.data import load_digits_split
+from vlmdefense.workbench.model_cache import cached_weights, file_sha256, loss_curve, random_shift
 from vlmdefense.workbench.models import cache_dir, configure_threads, set_seed
 from vlmdefense.workbench.progress import progress_bar
 from vlmdefense.workbench.schedule import warmup_cosine_lr
@@ -161,16 +161,8 @@ def clip_identity(clip: LoadedClip) -> str:
     """What names a CLIP: the sha256 of its local checkpoint file, else ``name/pretrained``."""
     path = Path(clip.pretrained)
     if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     return f"{clip.name}/{clip.pretrained}"
-
-
-def _shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image shifted by up to ``pixels`` in x and y (black padding)."""
-    size = images.shape[-1]
-    padded = F.pad(images, (pixels,) * 4)
-    offsets = torch.randint(0, 2 * pixels + 1, (len(images), 2), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dx, dy) in enumerate(offsets)])
 
 
 def digit_embeddings(clip: LoadedClip, recipe: EmbeddingPriorRecipe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +170,7 @@ def digit_embeddings(clip: LoadedClip, recipe: EmbeddingPriorRecipe) -> tuple[to
     train, test = load_digits_split(clip.image_size, seed=recipe.split_seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     images = [train.images] + [
-        _shift(train.images, recipe.translate_px, generator) for _ in range(recipe.shifted_copies)
+        random_shift(train.images, recipe.translate_px, generator) for _ in range(recipe.shifted_copies)
     ]
     with torch.no_grad():
         embedded = [clip.encode_images(x.to(clip.device)).cpu() for x in images]
@@ -242,10 +234,6 @@ def embedding_prior_paths(recipe: EmbeddingPriorRecipe, clip_id: str, root: Path
     return folder / "model.pt", folder / "card.json"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def held_out_loss(prior: EmbeddingPrior, embeddings: torch.Tensor, low: int, high: int, seed: int) -> float:
     """Mean denoising loss of unit ``embeddings`` at seeded uniform timesteps in [low, high]."""
     generator = torch.Generator().manual_seed(seed)
@@ -269,10 +257,7 @@ def write_embedding_prior(
     prior = EmbeddingPrior(
         net, cosine_alphas_cumprod(recipe.train_timesteps, recipe.cosine_s), math.sqrt(train.shape[1]), ""
     )
-    every = max(1, math.ceil(len(report.losses) / 100))
-    curve = [
-        round(sum(c) / len(c), 5) for c in (report.losses[i : i + every] for i in range(0, len(report.losses), every))
-    ]
+    curve, final_loss = loss_curve(report.losses)
     card = {
         "model": EMBEDDING_PRIOR,
         "recipe": asdict(recipe),
@@ -285,13 +270,13 @@ def write_embedding_prior(
         "train_seconds": round(report.seconds, 2),
         "train_cpu_seconds": round(report.cpu_seconds, 2),
         "threads": report.threads,
-        "final_loss": round(sum(report.losses[-every:]) / len(report.losses[-every:]), 5),
-        "loss_curve": {"every_steps": every, "mean_loss": curve},
+        "final_loss": final_loss,
+        "loss_curve": curve,
         "metrics": {
             "test_denoising_mse": round(held_out_loss(prior, test, 0, recipe.train_timesteps - 1, recipe.seed), 5),
             "test_denoising_mse_late": round(held_out_loss(prior, test, *LATE_STEPS, recipe.seed), 5),
         },
-        "sha256": _sha256(weights),
+        "sha256": file_sha256(weights),
         "torch": torch.__version__,
     }
     atomic_write_json(card_path, card)
@@ -303,13 +288,9 @@ def ensure_embedding_prior(clip: LoadedClip, recipe: EmbeddingPriorRecipe | None
     """The cached weights of ``recipe`` for ``clip``, trained first when missing or not matching their card."""
     recipe = recipe or EmbeddingPriorRecipe()
     weights, card_path = embedding_prior_paths(recipe, clip_identity(clip))
-    if weights.is_file() and card_path.is_file():
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        if card.get("sha256") == _sha256(weights):
-            return weights
-        logger.warning("cached embedding prior %s does not match its card: training it again", weights)
-    weights, _ = write_embedding_prior(recipe, clip, progress=progress)
-    return weights
+    return cached_weights(
+        weights, card_path, lambda: write_embedding_prior(recipe, clip, progress=progress)[0], "embedding prior"
+    )
 
 
 def _from_folder(folder: Path) -> EmbeddingPrior:

@@ -109,6 +109,7 @@ def evaluate(ctx: Context, defense: Defense) -> Result:
         reported=_reported(ctx.method, ctx.root),
         findings=ctx.findings,
         audit=measured.audit,
+        detection=ctx.detection,
         provenance=provenance(
             ctx.root,
             ctx.device,

@@ -10,6 +10,7 @@ two cores) and every later run loads it through ``open_clip.create_model_and_tra
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from vlmdefense.fileio import atomic_write_bytes, atomic_write_json
 from vlmdefense.workbench.clip import LoadedClip
 from vlmdefense.workbench.data import ImageSet, PromptSpec, digit_prompts, load_digits_split
+from vlmdefense.workbench.model_cache import cached_weights, file_sha256, random_shift
 from vlmdefense.workbench.progress import progress_bar
 from vlmdefense.workbench.schedule import warmup_cosine_lr
 
@@ -153,19 +155,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmdefense"
 
 
-def _random_translate(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to ``pixels`` in x and y (zero padding)."""
-    if pixels <= 0:
-        return images
-    padded = F.pad(images, (pixels,) * 4)
-    size = images.shape[-1]
-    out = torch.empty_like(images)
-    shifts = torch.randint(0, 2 * pixels + 1, (images.shape[0], 2), generator=generator)
-    for i, (dx, dy) in enumerate(shifts.tolist()):
-        out[i] = padded[i, :, dy : dy + size, dx : dx + size]
-    return out
-
-
 @dataclass
 class TrainReport:
     """What :func:`train_small_clip` measured."""
@@ -209,7 +198,7 @@ def train_small_clip(
         order = torch.randperm(n, generator=generator)
         for b in range(steps_per_epoch):
             idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
-            images = _random_translate(train.images[idx], recipe.translate_px, generator)
+            images = random_shift(train.images[idx], recipe.translate_px, generator)
             labels = train.labels[idx]
             template = torch.randint(0, captions.shape[1], (len(idx),), generator=generator)
             texts = captions[labels, template]
@@ -229,14 +218,6 @@ def train_small_clip(
     bar.close()
     model.eval()
     return model, TrainReport(seconds=time.perf_counter() - start, final_loss=losses[-1], losses=losses)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def small_clip_paths(recipe: Recipe | None = None, root: Path | None = None) -> tuple[Path, Path]:
@@ -260,7 +241,7 @@ def write_small_clip(recipe: Recipe, out_dir: Path | None = None, progress: bool
     train, test = load_digits_split(small_clip_config()["vision_cfg"]["image_size"], seed=recipe.split_seed)
     prompts = digit_prompts()
     model, report = train_small_clip(recipe, train, prompts, progress=progress)
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     atomic_write_bytes(checkpoint, buffer.getvalue())
     clip = load_clip(SMALL_CLIP, checkpoint, device="cpu")
@@ -278,7 +259,7 @@ def write_small_clip(recipe: Recipe, out_dir: Path | None = None, progress: bool
         "final_loss": round(report.final_loss, 4),
         "metrics": {"zero_shot_test_accuracy": round(test_acc, 2), "zero_shot_train_accuracy": round(train_acc, 2)},
         "test_images": len(test),
-        "sha256": _sha256(checkpoint),
+        "sha256": file_sha256(checkpoint),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
     }
@@ -291,13 +272,7 @@ def ensure_small_clip(recipe: Recipe | None = None, progress: bool = True) -> Pa
     """The cached checkpoint of ``recipe``, trained first when missing or corrupt."""
     recipe = recipe or Recipe()
     checkpoint, card_path = small_clip_paths(recipe)
-    if checkpoint.is_file() and card_path.is_file():
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        if card.get("sha256") == _sha256(checkpoint):
-            return checkpoint
-        logger.warning("cached small CLIP %s does not match its card: training it again", checkpoint)
-    checkpoint, _ = write_small_clip(recipe, progress=progress)
-    return checkpoint
+    return cached_weights(checkpoint, card_path, lambda: write_small_clip(recipe, progress=progress)[0], "small CLIP")
 
 
 def small_clip_card(recipe: Recipe | None = None) -> dict[str, Any]:

@@ -46,3 +46,11 @@ def warmup_cosine_lr(step: int, total: int, peak: float, warmup_fraction: float)
     """Learning rate at ``step`` of ``total``: linear warm-up to ``peak`` over ``warmup_fraction`` of the
     steps (at least one), then cosine decay to zero."""
     return cosine_lr(step, total, peak, warmup=max(1, int(warmup_fraction * total)))
+
+
+def dassl_lr(epoch: int, max_epoch: int, peak: float, warmup: int, warmup_lr: float) -> float:
+    """The learning rate of ``epoch`` under Dassl's ``cosine`` scheduler with a ``constant`` warm-up, as the
+    official AdvPT and FAP configurations use it: ``warmup`` epochs at ``warmup_lr``, then a cosine whose
+    period is ``max_epoch`` counted from the end of the warm-up (``WARMUP_RECOUNT``), so that the last epoch
+    still trains (``peak · ½(1 + cos(π · (epoch − warmup) / max_epoch))``)."""
+    return cosine_lr(epoch, max_epoch + warmup, peak, warmup=warmup, warmup_lr=warmup_lr, rounding="angle")

@@ -17,7 +17,6 @@ noising step above τ so that purification stops after one step.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,6 @@ from vlmdefense.workbench.attacks import PGD
 if TYPE_CHECKING:
     from vlmdefense.defenses.base import Predictor
     from vlmdefense.workbench.diffusion_prior import DiffusionPrior
-    from vlmdefense.workbench.evaluation import EvalSets
 
 
 @dataclass
@@ -269,36 +267,3 @@ class SteeringAttack:
         """Adversarial ``images`` (``model`` is not used: the objective runs the defense itself)."""
         attack = PGD(eps=self.eps, steps=self.steps, eot_samples=self.eot_samples)
         return attack.maximise(self.objective(labels), images)
-
-
-def per_example_worst(
-    predict: Predictor,
-    runs: dict[str, tuple[Predictor, Any]],
-    sets: EvalSets,
-    batch_size: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Robust accuracy of ``predict`` under each named (surface, attack) pair (seeded alike), and the
-    per-example worst case over all pairs, in the form of ``jpeg_compression.surface_worst_case``."""
-    from vlmdefense.workbench.evaluation import robust_correct, split_accuracy
-    from vlmdefense.workbench.models import set_seed
-
-    start = time.perf_counter()
-    per, names = {}, []
-    test_all: torch.Tensor | None = None
-    transfer_all: torch.Tensor | None = None
-    for name, (surface, attack) in runs.items():
-        set_seed(seed)
-        test = robust_correct(predict, surface, attack, sets.test, batch_size, desc=name)
-        transfer = None
-        if sets.transfer is not None:
-            transfer = robust_correct(predict, surface, attack, sets.transfer, batch_size, desc=name)
-            transfer_all = transfer if transfer_all is None else transfer_all & transfer
-        per[name] = split_accuracy(test, sets.test.labels, sets.seen_classes, transfer)
-        test_all = test if test_all is None else test_all & test
-        names.append(str(getattr(attack, "name", name)).removeprefix("worst(").removesuffix(")"))
-    if test_all is None:
-        raise ValueError("per_example_worst: no runs")
-    worst = split_accuracy(test_all, sets.test.labels, sets.seen_classes, transfer_all)
-    attacks = ", ".join(dict.fromkeys(", ".join(names).split(", ")))
-    return {"per_surface": per, "worst": worst, "seconds": time.perf_counter() - start, "attack": attacks}

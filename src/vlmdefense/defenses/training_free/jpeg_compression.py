@@ -5,12 +5,11 @@ decoded again, then classified by the frozen zero-shot CLIP. The codec has no us
 adaptive attacks are BPDA (Athalye et al., 2018): the real codec forward, and backward either the
 identity or the gradient of a differentiable JPEG approximation (Shin & Song, 2017; see
 :mod:`~vlmdefense.defenses.training_free.differentiable_jpeg`). Robust accuracy is the per-example worst
-case over both (:func:`surface_worst_case`).
+case over both (:func:`~vlmdefense.defenses.training_free.worst_case.surface_worst_case`).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +18,7 @@ import torch
 from vlmdefense.defenses.base import Predictor
 from vlmdefense.defenses.training_free.common import TrainingFreeDefense
 from vlmdefense.defenses.training_free.differentiable_jpeg import DifferentiableJPEG, pillow_jpeg
-from vlmdefense.runs.records import Accuracy, Result, RobustEntry
-from vlmdefense.units import Epsilon
 from vlmdefense.workbench.attacks import WorstCase, bpda, make_attack
-from vlmdefense.workbench.evaluation import EvalSets, robust_correct, split_accuracy
-from vlmdefense.workbench.models import set_seed
 
 
 @dataclass
@@ -94,55 +89,3 @@ def headline_attack(params: dict[str, Any], eps: float) -> WorstCase:
     """The per-example worst case over a profile's ``attacks`` at ``eps`` (a deterministic defense: no EOT)."""
     specs = params["attacks"]
     return WorstCase([make_attack(s["name"], eps, int(s["steps"]), s.get("norm", "linf")) for s in specs])
-
-
-def surface_worst_case(
-    predict: Predictor,
-    surfaces: dict[str, Predictor],
-    sets: EvalSets,
-    attack: WorstCase,
-    batch_size: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Robust accuracy of ``predict`` when ``attack`` differentiates each of ``surfaces`` in turn (seeded
-    alike), and the per-example worst case over the surfaces (an image counts only if it survives all).
-    Returns ``{"per_surface": {name: Accuracy}, "worst": Accuracy, "seconds": float, "attack": name}``."""
-    start = time.perf_counter()
-    per: dict[str, Accuracy] = {}
-    test_all: torch.Tensor | None = None
-    transfer_all: torch.Tensor | None = None
-    for name, surface in surfaces.items():
-        set_seed(seed)
-        test = robust_correct(predict, surface, attack, sets.test, batch_size, desc=name)
-        transfer = None
-        if sets.transfer is not None:
-            transfer = robust_correct(predict, surface, attack, sets.transfer, batch_size, desc=name)
-            transfer_all = transfer if transfer_all is None else transfer_all & transfer
-        per[name] = split_accuracy(test, sets.test.labels, sets.seen_classes, transfer)
-        test_all = test if test_all is None else test_all & test
-    if test_all is None:
-        raise ValueError("surface_worst_case: no surfaces")
-    worst = split_accuracy(test_all, sets.test.labels, sets.seen_classes, transfer_all)
-    return {"per_surface": per, "worst": worst, "seconds": time.perf_counter() - start, "attack": attack.name}
-
-
-def with_worst_case_row(result: Result, eps: Epsilon, outcome: dict[str, Any], steps: int) -> Result:
-    """``result`` with the per-example worst case over the surfaces added as an adaptive row at ``eps``
-    (attack ``worst(<attacks>; through <surfaces>)``), and the adaptive headline lowered to it when lower."""
-    names = ", ".join(outcome["per_surface"])
-    attacks = str(outcome["attack"]).removeprefix("worst(").removesuffix(")")
-    entry = RobustEntry(
-        attack=f"worst({attacks}; through {names})",
-        eps=eps,
-        steps=steps,
-        adaptive=True,
-        target="defended-pipeline",
-        acc=outcome["worst"],
-        seconds=round(float(outcome["seconds"]), 2),
-    )
-    headline = result.headline
-    if headline is not None and entry.acc.all is not None and abs(headline.eps.value - eps.value) < 1e-12:
-        current = headline.robust_adaptive
-        if current is None or entry.acc.all < current:
-            headline = headline.model_copy(update={"robust_adaptive": entry.acc.all})
-    return result.model_copy(update={"robust": [*result.robust, entry], "headline": headline})

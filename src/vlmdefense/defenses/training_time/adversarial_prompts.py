@@ -37,7 +37,7 @@ from vlmdefense.defenses.training_loop import (
 )
 from vlmdefense.workbench.data import ImageSet, PromptSpec
 from vlmdefense.workbench.models import LoadedClip, set_seed
-from vlmdefense.workbench.schedule import cosine_lr
+from vlmdefense.workbench.schedule import dassl_lr
 
 if TYPE_CHECKING:
     from vlmdefense.defenses.fit_data import FitData
@@ -67,14 +67,6 @@ def few_shot_set(train: ImageSet, shots: int | None, seed: int) -> ImageSet:
     if not shots:
         return train
     return train.subset(few_shot_indices(train.labels, shots, seed), f"{train.name}-{shots}shot")
-
-
-def dassl_lr(epoch: int, max_epoch: int, peak: float, warmup: int, warmup_lr: float) -> float:
-    """The learning rate of ``epoch`` under Dassl's ``cosine`` scheduler with a ``constant`` warm-up, as the
-    official AdvPT and FAP configurations use it: ``warmup`` epochs at ``warmup_lr``, then a cosine whose
-    period is ``max_epoch`` counted from the end of the warm-up (``WARMUP_RECOUNT``), so that the last epoch
-    still trains (``peak · ½(1 + cos(π · (epoch − warmup) / max_epoch))``)."""
-    return cosine_lr(epoch, max_epoch + warmup, peak, warmup=warmup, warmup_lr=warmup_lr, rounding="angle")
 
 
 class CoupledPrompts(nn.Module):

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from vlmdefense.defenses.base import ConfiguredDefense
 from vlmdefense.defenses.prompt_learner import ContextInit, PromptLearner
 from vlmdefense.defenses.training_loop import training_classes, training_labels, with_training_eps
-from vlmdefense.defenses.training_time.adversarial_prompts import dassl_lr, kl_per_sample
+from vlmdefense.defenses.training_time.adversarial_prompts import kl_per_sample
 from vlmdefense.workbench.attacks import objective_gradient
 from vlmdefense.workbench.evaluation import ZeroShotClassifier
 from vlmdefense.workbench.models import LoadedClip, set_seed
+from vlmdefense.workbench.schedule import dassl_lr
 
 if TYPE_CHECKING:
     from vlmdefense.defenses.fit_data import FitData

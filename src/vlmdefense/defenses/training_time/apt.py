@@ -38,7 +38,7 @@ from vlmdefense.defenses.training_loop import (
 from vlmdefense.defenses.training_time.tecoa import TeCoA
 from vlmdefense.workbench.evaluation import ZeroShotClassifier
 from vlmdefense.workbench.models import set_seed
-from vlmdefense.workbench.schedule import cosine_lr
+from vlmdefense.workbench.schedule import dassl_lr
 
 if TYPE_CHECKING:
     from vlmdefense.defenses.fit_data import FitData
@@ -176,9 +176,7 @@ class APT(ConfiguredDefense):
             seed=c.seed,
             attack=inner_attack(c.train_eps, c.steps, step_size),
             optimizer=torch.optim.SGD([context], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
-            schedule=lambda step, epoch, total: cosine_lr(
-                epoch, c.epochs, c.lr, warmup=c.warmup_epochs, warmup_lr=c.warmup_lr, rounding="angle"
-            ),
+            schedule=lambda step, epoch, total: dassl_lr(epoch, c.epochs, c.lr, c.warmup_epochs, c.warmup_lr),
         )
         tune_start = time.perf_counter()
         task = _PromptTask(backbone, self.learner, context, classes)
