@@ -208,5 +208,7 @@ def test_one_schedule_repeats_the_three_former_schedules_exactly() -> None:
 def test_dassl_lr_recounts_the_warmup() -> None:
     """Dassl's constant warm-up then a cosine of period ``max_epoch`` from the end of the warm-up."""
     assert [dassl_lr(e, 4, 1.0, 2, 1e-3) for e in range(2)] == [1e-3, 1e-3]
-    assert [dassl_lr(e, 4, 1.0, 2, 1e-3) for e in range(2, 6)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)
+    assert [dassl_lr(e, 4, 1.0, 2, 1e-3) for e in range(2, 6)] == pytest.approx(
+        [1.0, 0.853553, 0.5, 0.146447], abs=1e-6
+    )
     assert dassl_lr(3, 4, 1.0, 0, 0.0) == pytest.approx(0.146447, abs=1e-6)
