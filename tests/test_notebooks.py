@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import shutil
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from conftest import REPO
@@ -34,6 +37,31 @@ def test_every_reproduced_entry_has_a_notebook() -> None:
         notebook = item.entry.reproduction.notebook
         if notebook is not None:
             assert Path(notebook).stem in METHODS, f"{item.entry.id}: {notebook} is not a runnable notebook"
+
+
+def library_imports(notebook: Path) -> list[tuple[int, str, str]]:
+    """``(cell, module, name)`` of every ``from vlmdefense… import name`` in a notebook's code cells."""
+    found = []
+    cells = nbformat.read(str(notebook), as_version=4).cells
+    for number, cell in enumerate(cells):
+        if cell.cell_type != "code":
+            continue
+        for node in ast.walk(ast.parse(cell.source)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vlmdefense"):
+                found.extend((number, str(node.module), alias.name) for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("notebook", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_every_library_name_a_notebook_imports_exists(notebook: Path) -> None:
+    """A renamed or moved function fails here in a second, not after minutes of papermill."""
+    missing = []
+    for cell, module, name in library_imports(notebook):
+        imported = importlib.import_module(module)
+        submodule = hasattr(imported, "__path__") and importlib.util.find_spec(f"{module}.{name}") is not None
+        if not hasattr(imported, name) and not submodule:
+            missing.append(f"cell {cell}: from {module} import {name}")
+    assert missing == []
 
 
 @pytest.mark.slow
