@@ -337,9 +337,12 @@ def evaluate_with_rows(
     headline: str,
     clean: float,
     audit_values: Sequence[float | None] = (),
+    timing: tuple[float, float, float] = (0.001, 1.0, 0.0),
+    **context: Any,
 ) -> Any:
-    """``harness.evaluate`` on a context whose measurements are given: clean accuracy, the robust rows and
-    the robust accuracies the audit's checks reached at the headline ε."""
+    """``harness.evaluate`` on a context whose measurements are given: clean accuracy, the robust rows, the
+    robust accuracies the audit's checks reached at the headline ε, the inference timing and any context
+    attribute (``context``)."""
     from vlmdefense.runs.records import Audit, AuditCheck, AuditStatus, Provenance
     from vlmdefense.workbench.evaluation import Timing
 
@@ -350,7 +353,7 @@ def evaluate_with_rows(
     monkeypatch.setattr(harness, "run_audit", lambda *a, **k: Audit(checks=checks, images=3, tolerance="none"))
     monkeypatch.setattr(harness, "clean_accuracy", lambda *a, **k: Accuracy(all=clean))
     monkeypatch.setattr(harness, "robustness", lambda ctx, defense: list(rows))
-    monkeypatch.setattr(harness, "time_inference", lambda *a, **k: Timing(0.001, 1.0, 0.0))
+    monkeypatch.setattr(harness, "time_inference", lambda *a, **k: Timing(*timing))
     monkeypatch.setattr(harness, "_reported", lambda method, root: [])
     monkeypatch.setattr(
         harness,
@@ -373,11 +376,14 @@ def evaluate_with_rows(
         prompts=prompts,
         train_seconds=0.0,
         findings={},
+        detection={},
         root=Path("."),
         device="cpu",
         started="now",
         start_time=0.0,
     )
+    for key, value in context.items():
+        setattr(ctx, key, value)
     return harness.evaluate(ctx, FakeDefense("inference", False))  # type: ignore[arg-type]
 
 
@@ -419,3 +425,47 @@ def test_the_headline_ignores_rows_at_other_eps_and_the_other_kind(monkeypatch: 
     assert (result.headline.robust, result.headline.robust_adaptive, result.headline.clean) == (30.0, 20.0, 90.0)
     result = evaluate_with_rows(monkeypatch, rows[:2], "8/255", 90.0)
     assert (result.headline.robust, result.headline.robust_adaptive) == (30.0, None)
+
+
+def test_the_record_says_what_the_context_and_the_measurements_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every part of the record other than the headline: identity, parameters, model, data, cost (rounded as
+    stored), findings and detection sections passed through unchanged."""
+    from vlmdefense.runs.detection import DetectionSection
+    from vlmdefense.runs.records import Cost, RunStatus
+
+    section = DetectionSection(
+        score="s",
+        threshold=0.5,
+        threshold_rule="r",
+        clean_images=3,
+        clean_accuracy=100.0,
+        clean_false_positive_rate=0.0,
+        clean_accuracy_after_rejection=100.0,
+        mean_clean_score=0.9,
+    )
+    params = {"batch_size": 4, "model": {"name": "m", "pretrained": None}, "seed": 3, "eps": ["8/255"]}
+    result = evaluate_with_rows(
+        monkeypatch,
+        [],
+        "8/255",
+        90.0,
+        timing=(0.00123456789, 2.3456, 1.0049),
+        params=params,
+        train_seconds=12.3456,
+        findings={"note": 1},
+        detection={"deployed": section},
+        model_card={"recipe_key": "k", "sha256": "h", "train_seconds": 1.0, "metrics": {"a": 1.0}, "parameters": 7},
+    )
+    assert (result.method, result.profile, result.status) == ("synthetic", "quick", RunStatus.OK)
+    assert result.parameters == params
+    assert result.cost == Cost(
+        train_seconds=12.35, inference_seconds_per_image=0.001235, forward_passes=2.35, backward_passes=1.0
+    )
+    assert result.findings == {"note": 1} and result.detection == {"deployed": section}
+    assert result.model is not None and result.model.name == "m" and result.model.pretrained is None
+    assert result.model.card is not None and result.model.card.sha256 == "h" and result.model.card.parameters == 7
+    assert result.dataset is not None
+    assert (result.dataset.test, result.dataset.test_images) == ("test", 3)
+    assert (result.dataset.transfer, result.dataset.transfer_images) == ("transfer", 5)
+    assert result.dataset.seen_classes == list(SEEN)
+    assert result.reported == [] and result.provenance is not None and result.audit is not None
