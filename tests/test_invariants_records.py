@@ -371,3 +371,71 @@ def test_yaml_tags_are_rejected_with_their_line(catalog_dir: Path, tagged: str) 
     path, line, field, message = found[0]
     assert path.endswith("example.yaml") and (line, field) == (line_of(text, tagged), key)
     assert "invalid YAML" in message and "tag" in message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checking a result file: every problem names its file, line and field.
+
+
+def _baseline() -> dict[str, Any]:
+    return json.loads((REPO / "reproductions" / "baseline" / "smoke" / "result.json").read_text(encoding="utf-8"))
+
+
+def _line_of(text: str, key: str) -> int:
+    return next(n for n, line in enumerate(text.splitlines(), start=1) if f'"{key}":' in line)
+
+
+def test_each_problem_of_a_result_file_names_its_line_and_field(tmp_path: Path) -> None:
+    from vlmdefense.runs.records import check_result_file, read_result
+
+    def check(record: dict[str, Any], where: str = "baseline/smoke", **known: Any) -> tuple[str, list[Any]]:
+        path = tmp_path / where / "result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record, indent=2)
+        path.write_text(text, encoding="utf-8")
+        return text, check_result_file(path, known.get("methods"), known.get("profiles"))
+
+    text, problems = check(_baseline(), methods={"baseline"}, profiles={"smoke"})
+    assert problems == []
+    record = _baseline()
+    record["clean"] = None
+    text, problems = check(record)
+    assert [(p.field, p.line) for p in problems] == [("clean", _line_of(text, "status"))]
+    assert "an ok result needs clean accuracy" in problems[0].message
+    record = _baseline()
+    record.pop("provenance")
+    text, problems = check(record)
+    assert [(p.field, p.line) for p in problems] == [("provenance", 1)]
+    text, problems = check(_baseline(), methods={"tecoa"}, profiles={"paper"})
+    assert [(p.field, p.line) for p in problems] == [
+        ("method", _line_of(text, "method")),
+        ("profile", _line_of(text, "profile")),
+    ]
+    assert "unknown method 'baseline'" in problems[0].message and "unknown profile 'smoke'" in problems[1].message
+    text, problems = check(_baseline(), where="tecoa/smoke")
+    assert [(p.field, p.line) for p in problems] == [("method", _line_of(text, "method"))]
+    assert problems[0].message == "file belongs in reproductions/baseline/smoke/result.json"
+    assert all(str(p.path).endswith("result.json") for p in problems)
+    record = _baseline()
+    record["profile"] = 3
+    text, problems = check(record)
+    assert [(p.field, p.line) for p in problems] == [("profile", _line_of(text, "profile"))]
+    with pytest.raises(ValueError, match="profile"):
+        read_result(tmp_path / "baseline" / "smoke" / "result.json")
+    assert read_result(REPO / "reproductions" / "baseline" / "smoke" / "result.json").method == "baseline"
+
+
+def test_robust_rows_are_selected_by_eps_and_kind() -> None:
+    from vlmdefense.runs.records import read_result
+
+    result = read_result(REPO / "reproductions" / "a-tpt" / "smoke" / "result.json")
+    eps = result.robust[0].eps.value
+    rows = result.robust_at(eps)
+    assert rows and all(abs(r.eps.value - eps) < 1e-9 for r in rows)
+    for adaptive in (True, False):
+        kind = [r for r in rows if r.adaptive == adaptive]
+        assert result.robust_at(eps, adaptive) == kind
+        values = [r.acc.all for r in kind if r.acc.all is not None]
+        assert result.worst_robust(eps, adaptive) == (min(values) if values else None)
+    assert result.worst_robust(eps) == min(r.acc.all for r in rows if r.acc.all is not None)
+    assert result.robust_at(eps + 1e-6) == [] and result.worst_robust(eps + 1e-6) is None
