@@ -46,8 +46,10 @@ class Fooling:
     def __init__(self, name: str, fooled: set[int]) -> None:
         self.name = name
         self.fooled = fooled
+        self.targets: list[object] = []
 
     def __call__(self, target: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.targets.append(target)
         ids = (x[:, 2, 0, 0] * 100).round().long().tolist()
         out = x.clone()
         for row, image_id in enumerate(ids):
@@ -72,8 +74,12 @@ def test_the_worst_case_counts_only_images_that_survive_every_run(
     sets = EvalSets(images_for(labels), images_for(transfer, offset=50), SEEN)
     ids = list(range(n)) + list(range(50, 50 + m))
     runs_fooled = data.draw(st.lists(st.sets(st.sampled_from(ids)), min_size=1, max_size=3))
-    runs = {f"run{k}": (model, Fooling(f"A{k}", fooled)) for k, fooled in enumerate(runs_fooled)}
+    surfaces = [lambda x, k=k: model(x) for k in range(len(runs_fooled))]  # one distinct surface per run
+    runs = {f"run{k}": (surfaces[k], Fooling(f"A{k}", fooled)) for k, fooled in enumerate(runs_fooled)}
     out = per_example_worst(model, runs, sets, batch_size=data.draw(st.integers(1, 5)))
+    for surface, attack in runs.values():  # each attack differentiated its own surface, on test and transfer
+        assert attack.targets and all(target is surface for target in attack.targets)
+    assert 0 <= out["seconds"] < 60
     union = set().union(*runs_fooled)
     worst: Accuracy = out["worst"]
     assert worst.all == pct(sum(i not in union for i in range(n)), n)
