@@ -1,5 +1,7 @@
 """Scale-out through submitit: real local jobs on the quick profile, a killed job, resuming, and the Slurm
-parameters a submission would carry (no cluster here: the sbatch script is rendered, not submitted)."""
+parameters a submission would carry (no cluster here: the sbatch script is rendered, not submitted).
+
+Local jobs side by side are also what ``test_notebooks.py`` runs every notebook with."""
 
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ from vlmdefense.runs.executors import (
 )
 from vlmdefense.runs.records import RESULT_FILE
 from vlmdefense.runs.staleness import RunState, output_dir, run_state
-from vlmdefense.runs.submissions import latest_submission
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +50,6 @@ def killer_notebook(path: Path) -> None:
     nb.cells = [params, nbformat.v4.new_code_cell("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, str(path))
-
-
-def test_local_jobs_run_side_by_side_and_land_ok(tmp_path: Path) -> None:
-    root = make_repo(tmp_path)
-    jobs = [Job("baseline", "quick"), Job("tecoa", "quick")]
-    outcomes, submission = run_jobs(root, jobs, "local", ClusterOptions(parallel=2), tmp_path / "logs")
-    assert [o.state for o in outcomes] == ["ran", "ran"], [o.message for o in outcomes]
-    assert all(run_state(root, j.method, "quick") is RunState.OK for j in jobs)
-    latest = latest_submission(tmp_path / "logs")
-    assert latest is not None and latest.id == submission.id
-    assert [j.state for j in latest.jobs] == ["ran", "ran"] and all(j.job_id and j.log for j in latest.jobs)
 
 
 def test_a_killed_job_keeps_the_previous_result_and_a_resume_reruns_only_it(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from detection_helpers import detection_section
 from vlmdefense.defenses.base import Defense
 from vlmdefense.runs.records import Accuracy, RobustEntry
 from vlmdefense.units import Epsilon
@@ -430,19 +431,9 @@ def test_the_headline_ignores_rows_at_other_eps_and_the_other_kind(monkeypatch: 
 def test_the_record_says_what_the_context_and_the_measurements_said(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every part of the record other than the headline: identity, parameters, model, data, cost (rounded as
     stored), findings and detection sections passed through unchanged."""
-    from vlmdefense.runs.detection import DetectionSection
     from vlmdefense.runs.records import Cost, RunStatus
 
-    section = DetectionSection(
-        score="s",
-        threshold=0.5,
-        threshold_rule="r",
-        clean_images=3,
-        clean_accuracy=100.0,
-        clean_false_positive_rate=0.0,
-        clean_accuracy_after_rejection=100.0,
-        mean_clean_score=0.9,
-    )
+    section = detection_section()
     params = {"batch_size": 4, "model": {"name": "m", "pretrained": None}, "seed": 3, "eps": ["8/255"]}
     result = evaluate_with_rows(
         monkeypatch,

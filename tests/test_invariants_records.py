@@ -439,3 +439,22 @@ def test_robust_rows_are_selected_by_eps_and_kind() -> None:
         assert result.worst_robust(eps, adaptive) == (min(values) if values else None)
     assert result.worst_robust(eps) == min(r.acc.all for r in rows if r.acc.all is not None)
     assert result.robust_at(eps + 1e-6) == [] and result.worst_robust(eps + 1e-6) is None
+
+
+def test_an_audit_lists_exactly_its_flagged_checks_and_finds_each_by_id() -> None:
+    from vlmdefense.runs.records import Audit, AuditCheck, AuditStatus
+
+    checks = [
+        AuditCheck(id=name, title=name, status=status, detail="")
+        for name, status in (
+            ("eps-zero", AuditStatus.PASS),
+            ("monotonic", AuditStatus.FLAG),
+            ("unbounded", AuditStatus.SKIP),
+            ("black-box", AuditStatus.FLAG),
+        )
+    ]
+    audit = Audit(checks=checks, images=10, tolerance="none")
+    assert audit.flags() == [checks[1], checks[3]]
+    assert [audit.check(c.id) for c in checks] == checks
+    assert audit.check("transfer") is None
+    assert Audit(checks=checks[:1], images=1, tolerance="none").flags() == []

@@ -1,4 +1,8 @@
-"""Every reproduction notebook runs under papermill with the fastest parameters (the quick profile)."""
+"""Every reproduction notebook runs under papermill with the fastest parameters (the quick profile).
+
+The runs go through the local executor, two jobs side by side with one torch thread each, as
+``vlmdefense run --all --executor local`` would run them: the suite's two cores stay busy while a kernel starts.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ import pytest
 
 from conftest import REPO
 from vlmdefense.catalog.validation import load_catalog
+from vlmdefense.runs.executors import ClusterOptions, Job, run_jobs
 from vlmdefense.runs.records import check_result_file, read_result
-from vlmdefense.runs.runner import run_one
-from vlmdefense.runs.staleness import available_methods
+from vlmdefense.runs.runner import RunOutcome
+from vlmdefense.runs.staleness import RunState, available_methods, run_state
+from vlmdefense.runs.submissions import latest_submission
+from vlmdefense.workbench.models import ensure_small_clip
 
 METHODS = available_methods(REPO)
 
@@ -64,11 +71,26 @@ def test_every_library_name_a_notebook_imports_exists(notebook: Path) -> None:
     assert missing == []
 
 
+@pytest.fixture(scope="module")
+def quick_runs(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunOutcome]:
+    """Every notebook on the quick profile, through the local executor (two jobs at once, one thread each)."""
+    ensure_small_clip(progress=False)  # trained once here, not by two kernels at the same time
+    jobs = [Job(method, "quick") for method in METHODS]
+    logs = tmp_path_factory.mktemp("logs")
+    outcomes, submission = run_jobs(repo, jobs, "local", ClusterOptions(cpus=1, parallel=2), logs)
+    written = latest_submission(logs)  # what `vlmdefense status` and `--resume` read
+    assert written is not None and written.id == submission.id
+    assert [j.state for j in written.jobs] == [o.state for o in outcomes]
+    assert all(j.job_id and j.log for j in written.jobs)
+    return {outcome.method: outcome for outcome in outcomes}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_notebook_runs_on_the_quick_profile(repo: Path, method: str) -> None:
-    outcome = run_one(repo, method, "quick", progress=False)
+def test_notebook_runs_on_the_quick_profile(repo: Path, quick_runs: dict[str, RunOutcome], method: str) -> None:
+    outcome = quick_runs[method]
     assert outcome.state == "ran", outcome.message
+    assert run_state(repo, method, "quick") is RunState.OK
     path = repo / "reproductions" / method / "quick" / "result.json"
     assert check_result_file(path, {method}, {"quick"}) == []
     result = read_result(path)
