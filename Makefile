@@ -61,7 +61,7 @@ mutation: setup
 	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
 	git archive HEAD | tar -x -C $(MUTATION_DIR)
 	cd $(MUTATION_DIR) && PYTHONPATH=tests VLMDEFENSE_MUTATION_CACHE=$(CURDIR)/.cache/mutation-model \
-		$(CURDIR)/$(VENV)/bin/mutmut run; cd $(MUTATION_DIR) && $(CURDIR)/$(VENV)/bin/mutmut results
+		$(CURDIR)/$(VENV)/bin/mutmut run; $(PY) tests/mutation_score.py $(MUTATION_DIR) --survivors
 
 clean:
 	rm -rf $(VENV) site .pytest_cache
