@@ -104,3 +104,41 @@ def test_detection_section_round_trip(tmp_path: Path) -> None:
     problems = check_result_file(path)
     assert [p.field for p in problems] == ["detection.deployed.threshold"]
     assert problems[0].line == next(n for n, t in enumerate(path.read_text().splitlines(), 1) if '"threshold"' in t)
+
+
+def test_the_default_operating_point_is_five_percent_and_a_given_one_is_used() -> None:
+    clean = [i / 100 for i in range(1, 21)]
+    adversarial = [0.0, 0.015, 0.025, 0.5]
+    assert m.threshold_at_fpr(clean) == m.threshold_at_fpr(clean, 0.05) == 0.02
+    assert m.tpr_at_fpr(clean, adversarial) == (0.5, 0.02)
+    assert m.tpr_at_fpr(clean, adversarial, 0.10) == (0.75, 0.03)  # two clean images may be flagged
+
+
+@pytest.mark.parametrize("fpr", [1.0, 1.5, -0.01])
+def test_the_operating_point_must_be_a_rate_below_one(fpr: float) -> None:
+    with pytest.raises(ValueError, match=r"needs clean scores and 0 <= fpr < 1"):
+        m.threshold_at_fpr([0.1, 0.2], fpr)
+
+
+def test_metrics_name_what_they_lack() -> None:
+    with pytest.raises(ValueError, match=r"needs clean scores and 0 <= fpr < 1"):
+        m.threshold_at_fpr([], 0.05)
+    with pytest.raises(ValueError, match=r"^AUROC needs at least one clean and one adversarial score$"):
+        m.auroc([0.1], [])
+
+
+def test_equal_error_threshold_breaks_ties_by_the_lower_threshold_and_takes_a_single_score() -> None:
+    # τ = 0.5 flags one clean image and no adversarial one, τ = 0.7 one clean image and the adversarial one:
+    # |TPR − TNR| is 0.5 at both, and the lower threshold wins
+    assert m.equal_error_threshold([0.3, 0.7], [0.5]) == 0.5
+    assert m.equal_error_threshold([0.4], [0.4]) == 0.4  # one observed score: the only candidate
+
+
+def test_rejection_accuracies_keep_correct_and_flagged_apart() -> None:
+    correct = [True, True, True, False]
+    flagged = [False, False, True, True]
+    assert m.clean_accuracy_after_rejection(correct, flagged) == 0.5  # correct and kept: the first two
+    assert m.attacked_accuracy_after_rejection([True, False, False], [False, True, False]) == pytest.approx(2 / 3)
+    as_floats = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])  # (pred == y).float()
+    assert m.clean_accuracy_after_rejection(*as_floats) == 0.5
+    assert m.attacked_accuracy_after_rejection(*as_floats) == 1.0

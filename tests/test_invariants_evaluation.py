@@ -33,6 +33,7 @@ from vlmdefense.workbench.attacks import APGD, PGD, WorstCase
 from vlmdefense.workbench.data import ImageSet
 from vlmdefense.workbench.evaluation import (
     EvalSets,
+    PassCounter,
     accuracy,
     batched_correct,
     clean_accuracy,
@@ -180,6 +181,23 @@ def test_time_inference_counts_per_image() -> None:
     images = image_set(0, 7).images
     timing = time_inference(model, images, batch_size=3)
     assert (timing.forward_passes, timing.backward_passes) == (1.0, 0.0) and timing.seconds_per_image >= 0
+
+
+def test_time_inference_predicts_every_image_once_and_reads_the_counter_per_image() -> None:
+    images = image_set(0, 7).images
+    counter = PassCounter(forward=99, backward=99, images=99)  # left over from an earlier phase: reset
+    batches: list[int] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        batches.append(len(x))
+        counter.forward += 3 * len(x)  # e.g. three views per image
+        counter.backward += len(x)
+        counter.images += len(x)
+        return x.flatten(1)[:, :CLASSES]
+
+    timing = time_inference(predict, images, counter, batch_size=3)
+    assert batches == [3, 3, 1]
+    assert (timing.forward_passes, timing.backward_passes) == (3.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
