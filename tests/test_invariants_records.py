@@ -458,3 +458,30 @@ def test_an_audit_lists_exactly_its_flagged_checks_and_finds_each_by_id() -> Non
     assert [audit.check(c.id) for c in checks] == checks
     assert audit.check("transfer") is None
     assert Audit(checks=checks[:1], images=1, tolerance="none").flags() == []
+
+
+def test_the_harness_reads_reported_numbers_and_the_baseline_and_writes_a_record(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from vlmdefense.runs.records import read_result, result_path
+    from vlmdefense.workbench import harness
+
+    catalog, _ = load_catalog(REPO / "catalog")
+    assert catalog is not None
+    with_numbers = next(i for i, item in sorted(catalog.items.items()) if item.entry.reported)
+    assert harness._reported(with_numbers, REPO) == list(catalog.items[with_numbers].entry.reported)
+    assert harness._reported("no-such-method", REPO) == []
+    assert harness._reported(with_numbers, tmp_path) == []  # no catalog there
+
+    baseline = harness.load_baseline(SimpleNamespace(root=REPO, profile="smoke"))  # type: ignore[arg-type]
+    assert baseline is not None and baseline == read_result(result_path(REPO, "baseline", "smoke"))
+    assert harness.load_baseline(SimpleNamespace(root=tmp_path, profile="smoke")) is None  # type: ignore[arg-type]
+    broken = result_path(tmp_path, "baseline", "smoke")
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"method": "baseline"}', encoding="utf-8")
+    assert harness.load_baseline(SimpleNamespace(root=tmp_path, profile="smoke")) is None  # type: ignore[arg-type]
+
+    target = result_path(tmp_path / "out", "baseline", "smoke")
+    assert harness.save_result(baseline, target) == target
+    assert read_result(target) == baseline
+    assert harness.save_result(baseline, "") is None and harness.save_result(baseline, None) is None

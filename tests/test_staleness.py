@@ -14,7 +14,17 @@ from conftest import REPO
 from vlmdefense.cli import app
 from vlmdefense.runs.code_digest import PACKAGE_DIR, closure, defense_module, dependency_files, imported_names
 from vlmdefense.runs.profiles import load_profiles, method_parameters, notebook_profiles
-from vlmdefense.runs.staleness import RunState, input_hash, run_inputs, state_report
+from vlmdefense.runs.staleness import (
+    RunState,
+    available_methods,
+    input_hash,
+    output_dir,
+    run_inputs,
+    run_state,
+    state_report,
+    variant_reports,
+)
+from vlmdefense.runs.variants import variant_dir, write_variant_file
 
 METHODS = ("baseline", "tecoa", "fare")
 
@@ -83,6 +93,67 @@ def test_a_parameter_change_names_parameters(world: tuple[Path, Path]) -> None:
     profiles = root / "reproductions" / "profiles.yaml"
     profiles.write_text(profiles.read_text(encoding="utf-8").replace("seed: 0", "seed: 1", 1), encoding="utf-8")
     assert states(root, package)["baseline"] == (RunState.STALE, ["parameters"])
+
+
+def test_run_state_is_the_state_of_the_record_the_run_would_write(world: tuple[Path, Path]) -> None:
+    """What the runner asks before it skips a run: the canonical record, or the variant of the overrides."""
+    root, package = world
+    assert run_state(root, "tecoa", "smoke", package_dir=package) is RunState.OK
+    assert run_state(root, "tecoa", "smoke", {"n_test": 10}, package) is RunState.MISSING  # its variant never ran
+    assert run_state(root, "tecoa", "smoke", {"n_test": 10}, package, canonical=True) is RunState.STALE
+    edit(package / "workbench" / "attacks.py")
+    assert run_state(root, "tecoa", "smoke", package_dir=package) is RunState.STALE
+    record = output_dir(root, "fare", "smoke") / "result.json"
+    assert record == root / "reproductions" / "fare" / "smoke" / "result.json"
+    record.write_text(json.dumps({**json.loads(record.read_text(encoding="utf-8")), "status": "failed"}))
+    assert run_state(root, "fare", "smoke", package_dir=package) is RunState.FAILED
+    record.unlink()
+    assert run_state(root, "fare", "smoke", package_dir=package) is RunState.MISSING
+
+
+def test_variant_records_are_reported_with_their_overrides(world: tuple[Path, Path]) -> None:
+    root, package = world
+    overrides = {"n_test": 10}
+    folder = variant_dir(root, "tecoa", "smoke", overrides)
+    write_variant_file(folder, "tecoa", "smoke", overrides)
+    record = json.loads((output_dir(root, "tecoa", "smoke") / "result.json").read_text(encoding="utf-8"))
+    inputs = run_inputs(root, "tecoa", method_parameters(load_profiles(root)["smoke"], "tecoa", overrides), package)
+    record["run"] = {**record["run"], "input_hash": input_hash(inputs), "inputs": inputs}
+    (folder / "result.json").write_text(json.dumps(record), encoding="utf-8")
+    broken = variant_dir(root, "fare", "smoke", {"seed": 3})
+    broken.mkdir(parents=True)
+    (broken / "variant.json").write_text("{not json", encoding="utf-8")
+    reports = variant_reports(root, package_dir=package)
+    assert [r.as_dict() for r in reports] == [
+        {
+            "method": "fare",
+            "profile": "smoke",
+            "state": "failed",
+            "changed": ["variant.json"],
+            "variant": broken.name,
+            "overrides": {},
+        },
+        {
+            "method": "tecoa",
+            "profile": "smoke",
+            "state": "ok",
+            "changed": [],
+            "variant": folder.name,
+            "overrides": overrides,
+        },
+    ]
+    assert run_state(root, "tecoa", "smoke", overrides, package) is RunState.OK
+    assert variant_reports(root, ["paper"], package) == []
+    canonical = state_report(root, "tecoa", "smoke", package_dir=package).as_dict()
+    assert canonical == {"method": "tecoa", "profile": "smoke", "state": "ok", "changed": [], "variant": None}
+
+
+def test_available_methods_are_the_notebooks_baseline_first_without_templates(tmp_path: Path) -> None:
+    (tmp_path / "notebooks").mkdir()
+    for name in ("zeta", "_template", "baseline", "alpha"):
+        (tmp_path / "notebooks" / f"{name}.ipynb").write_text("{}", encoding="utf-8")
+    (tmp_path / "notebooks" / "notes.md").write_text("", encoding="utf-8")
+    assert available_methods(tmp_path) == ["baseline", "alpha", "zeta"]
 
 
 def test_imports_are_read_statically_relative_and_inside_functions() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import VALID_ENTRY, write_entry
-from vlmdefense.catalog.validation import load_catalog
-from vlmdefense.problems import Problem
+from vlmdefense.catalog.validation import load_catalog, load_valid_catalog
+from vlmdefense.problems import Problem, ProblemsError
 
 
 def valid_text(method_id: str = "example", related: str = "[]") -> str:
@@ -42,6 +42,17 @@ def test_valid_catalog_has_no_problems(catalog_dir: Path) -> None:
     assert entry.reported[0].eps.value == pytest.approx(1 / 255)
     assert entry.reported[0].norm.value == "linf"
     assert [e.display for e in entry.threat_model.eps] == ["1/255", "4/255"]
+
+
+def test_load_valid_catalog_returns_the_catalog_or_raises_every_problem(catalog_dir: Path) -> None:
+    assert [e.id for e in load_valid_catalog(catalog_dir).entries] == ["example"]
+    write_entry(catalog_dir, text=valid_text().replace("name: Example", "name: [Example"), method_id="broken")
+    write_entry(catalog_dir, "listed", text="\n- id: x\n")
+    with pytest.raises(ProblemsError) as raised:
+        load_valid_catalog(catalog_dir)
+    assert sorted(Path(p.path).name for p in raised.value.problems) == ["broken.yaml", "listed.yaml"]
+    with pytest.raises(ProblemsError):
+        load_valid_catalog(catalog_dir / "missing")
 
 
 def test_problem_prints_as_path_line_field_message() -> None:
