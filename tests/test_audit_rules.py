@@ -187,3 +187,17 @@ def test_the_noise_tolerance_reaches_the_rise_test_and_a_missing_kind_bounds_not
     assert strict.status is AuditStatus.FLAG  # 0.1 standard errors < one image: the 1.5-point rise counts
     only_static = monotonicity(tie, 90.0, Epsilon.parse("8/255"), True, 100, randomized=False)
     assert only_static.robust is None  # no adaptive curve to bound the adaptive headline
+
+
+def test_a_single_sweep_point_skips_the_monotonicity_check_under_its_title() -> None:
+    check = monotonicity([row("8/255", 20.0)], None, Epsilon.parse("8/255"), False, 100, False)
+    assert (check.id, check.title, check.status) == ("monotonic", "Accuracy does not rise with ε", AuditStatus.SKIP)
+    assert check.detail == "fewer than two points on the ε sweep" and check.robust is None
+
+
+def test_a_random_defense_is_allowed_two_standard_errors_by_default() -> None:
+    # 20 % of 360 images: one standard error is 2.11 points, so a rise of 5 points exceeds two of them
+    rows = [row("4/255", 40.0, True), row("8/255", 20.0, True), row("16/255", 25.0, True)]
+    assert monotonicity(rows, 90.0, Epsilon.parse("8/255"), True, 360, randomized=True).status is AuditStatus.FLAG
+    wider = monotonicity(rows, 90.0, Epsilon.parse("8/255"), True, 360, randomized=True, noise_sd=3.0)
+    assert wider.status is AuditStatus.PASS
