@@ -425,6 +425,37 @@ def test_each_problem_of_a_result_file_names_its_line_and_field(tmp_path: Path) 
     assert read_result(REPO / "reproductions" / "baseline" / "smoke" / "result.json").method == "baseline"
 
 
+def test_result_problems_read_in_full_and_a_bad_record_is_refused_with_all_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole ``path:line: field: message`` text of each problem, as ``vlmdefense validate`` prints it."""
+    from vlmdefense.problems import display_path
+    from vlmdefense.runs.record_base import json_line
+    from vlmdefense.runs.records import check_result_file, read_result
+
+    monkeypatch.chdir(tmp_path)
+    path = Path("tecoa") / "smoke" / "result.json"  # three parts, relative: the layout is still checked
+    path.parent.mkdir(parents=True)
+    record = _baseline()
+    record.pop("provenance")
+    record["clean"] = None
+    text = json.dumps(record, indent=2)
+    path.write_text(text, encoding="utf-8")
+    shown = display_path(path)
+    expected = [
+        f"{shown}:1: provenance: provenance missing: a result must say how it was produced",
+        f"{shown}:{_line_of(text, 'status')}: clean: an ok result needs clean accuracy",
+        f"{shown}:{_line_of(text, 'method')}: method: unknown method 'baseline'",
+        f"{shown}:{_line_of(text, 'profile')}: profile: unknown profile 'smoke'",
+        f"{shown}:{_line_of(text, 'method')}: method: file belongs in reproductions/baseline/smoke/result.json",
+    ]
+    assert [str(p) for p in check_result_file(path, {"tecoa"}, {"paper"})] == expected
+    with pytest.raises(ValueError) as raised:
+        read_result(path)
+    assert str(raised.value) == "\n".join([expected[0], expected[1], expected[4]])
+    assert json_line(text, "no-such-key") == 1 and json_line(text, 3) == 1 and json_line(text, None) == 1
+
+
 def test_robust_rows_are_selected_by_eps_and_kind() -> None:
     from vlmdefense.runs.records import read_result
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import VALID_ENTRY, write_entry
-from vlmdefense.catalog.validation import load_catalog, load_valid_catalog
+from vlmdefense.catalog.validation import load_catalog, load_valid_catalog, unknown_id_message
 from vlmdefense.problems import Problem, ProblemsError
 
 
@@ -53,6 +53,19 @@ def test_load_valid_catalog_returns_the_catalog_or_raises_every_problem(catalog_
     assert sorted(Path(p.path).name for p in raised.value.problems) == ["broken.yaml", "listed.yaml"]
     with pytest.raises(ProblemsError):
         load_valid_catalog(catalog_dir / "missing")
+
+
+def test_an_unknown_id_names_itself_and_the_one_closest_known_id(catalog_dir: Path) -> None:
+    write_entry(catalog_dir, "example-two")
+    catalog = load_valid_catalog(catalog_dir)
+    assert catalog.get("example").id == "example"
+    with pytest.raises(KeyError) as raised:
+        catalog.get("exampel")
+    assert raised.value.args == ("no method 'exampel' in the catalog (did you mean 'example'?)",)
+    assert unknown_id_message("zzz", ["example"]) == "no method 'zzz' in the catalog"
+    assert unknown_id_message("examp", ["example", "example-two"]) == (
+        "no method 'examp' in the catalog (did you mean 'example'?)"
+    )
 
 
 def test_problem_prints_as_path_line_field_message() -> None:
