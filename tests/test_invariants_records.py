@@ -20,6 +20,7 @@ import nbformat
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import field_validator
 
 from conftest import REPO, VALID_ENTRY, write_entry
 from vlmdefense import fileio
@@ -27,6 +28,7 @@ from vlmdefense.catalog.validation import load_catalog
 from vlmdefense.runs import staleness
 from vlmdefense.runs.code_digest import PACKAGE_DIR
 from vlmdefense.runs.profiles import load_profiles, method_parameters
+from vlmdefense.runs.record_base import Record, parse_record_file
 from vlmdefense.runs.staleness import input_hash, run_inputs
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -454,6 +456,54 @@ def test_result_problems_read_in_full_and_a_bad_record_is_refused_with_all_of_th
         read_result(path)
     assert str(raised.value) == "\n".join([expected[0], expected[1], expected[4]])
     assert json_line(text, "no-such-key") == 1 and json_line(text, 3) == 1 and json_line(text, None) == 1
+
+
+def test_a_record_that_cannot_be_read_parsed_or_validated_gets_one_located_problem_each(tmp_path: Path) -> None:
+    from vlmdefense.problems import display_path
+    from vlmdefense.runs.records import Result
+
+    path = tmp_path / "result.json"
+    shown = display_path(path)
+
+    def parsed(content: bytes | None) -> tuple[str, list[str]]:
+        if content is not None:
+            path.write_bytes(content)
+        record, text, problems = parse_record_file(path, Result)
+        assert record is None
+        return text, [str(problem) for problem in problems]
+
+    text, problems = parsed(None)  # no file
+    assert text == "" and len(problems) == 1
+    assert problems[0].startswith(f"{shown}:1: -: cannot read result: [Errno 2]")
+    text, problems = parsed(b'{"method": "\xff"}')
+    assert text == "" and problems[0].startswith(f"{shown}:1: -: cannot read result: 'utf-8' codec can't decode")
+    broken = '{\n  "method": "baseline",\n  oops\n}'
+    text, problems = parsed(broken.encode())
+    message = "Expecting property name enclosed in double quotes"
+    assert text == broken and problems == [f"{shown}:3: -: invalid JSON: {message}"]
+    text, problems = parsed(b"[]")  # valid JSON, not an object: the problem has no field and sits on line 1
+    assert problems == [f"{shown}:1: -: Input should be a valid dictionary or instance of Result"]
+    record, text, problems = parse_record_file(write(path, '{\n  "name": "Upper"\n}'), _Lowercase)
+    assert record is None and [str(p) for p in problems] == [f"{shown}:2: name: names are lower-case"]
+    assert parse_record_file(write(path, '{"name": "lower"}'), _Lowercase)[0] == _Lowercase(name="lower")
+
+
+class _Lowercase(Record):
+    """A record whose validator raises ValueError: pydantic prefixes its message with "Value error, "."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        if value != value.lower():
+            raise ValueError("names are lower-case")
+        return value
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def test_robust_rows_are_selected_by_eps_and_kind() -> None:

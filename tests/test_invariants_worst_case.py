@@ -134,3 +134,33 @@ def test_the_worst_case_row_lowers_the_adaptive_headline_only_when_lower_at_its_
     assert row.eps.display == eps and row.acc.all == worst
     assert out.headline is not None and out.headline.robust_adaptive == expected
     assert out.headline.robust == 40.0  # the non-adaptive headline is not touched
+
+
+class Drawing(Fooling):
+    """A fooling attack that also notes the first random number it draws in each run (a random start would)."""
+
+    def __init__(self) -> None:
+        super().__init__("Draw", set())
+        self.draws: list[float] = []
+
+    def __call__(self, target: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.draws.append(torch.rand(1).item())
+        return super().__call__(target, x, y)
+
+
+def first_draw(seed: int) -> float:
+    """The first number torch draws after ``torch.manual_seed(seed)``."""
+    return torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_every_surface_is_attacked_from_the_same_seed(seed: int | None) -> None:
+    """Each run is repeatable alone and no surface inherits another's random state; the default seed is 0."""
+    sets = EvalSets(images_for([0, 1, 2]), None, SEEN)
+    attack = Drawing()
+    surfaces = {"a": model, "b": lambda x: model(x), "c": lambda x: model(x)}
+    if seed is None:
+        surface_worst_case(model, surfaces, sets, attack, batch_size=8)  # type: ignore[arg-type]
+    else:
+        surface_worst_case(model, surfaces, sets, attack, batch_size=8, seed=seed)  # type: ignore[arg-type]
+    assert attack.draws == [first_draw(0 if seed is None else seed)] * 3
