@@ -201,3 +201,26 @@ def test_a_random_defense_is_allowed_two_standard_errors_by_default() -> None:
     assert monotonicity(rows, 90.0, Epsilon.parse("8/255"), True, 360, randomized=True).status is AuditStatus.FLAG
     wider = monotonicity(rows, 90.0, Epsilon.parse("8/255"), True, 360, randomized=True, noise_sd=3.0)
     assert wider.status is AuditStatus.PASS
+
+
+def test_a_check_that_only_matches_the_headline_does_not_lower_it() -> None:
+    headline = Headline(eps=Epsilon.parse("8/255"), clean=90.0, robust=30.0, robust_adaptive=20.0)
+    same = [AuditCheck(id="convergence", title="t", status=AuditStatus.PASS, detail="", robust=20.0)]
+    assert lowered_headline(headline, same, final_adaptive=True) == headline
+    assert lowered_headline(headline, same, final_adaptive=False).model_dump() == {
+        **headline.model_dump(),
+        "robust": 20.0,
+        "lowered_by": ["convergence"],
+    }
+
+
+def test_the_monotonicity_check_explains_its_verdict() -> None:
+    falling = [row("4/255", 40.0), row("8/255", 20.0)]
+    passed = monotonicity(falling, 90.0, Epsilon.parse("8/255"), False, 100, False)
+    assert passed.detail == "no rise beyond the tolerance along the sweep (clean accuracy counts as ε = 0)"
+    rising = monotonicity([row("4/255", 20.0), row("8/255", 30.0)], 90.0, Epsilon.parse("8/255"), False, 100, False)
+    assert rising.detail == (
+        "1 rise(s) beyond the tolerance, e.g. the non-adaptive attack's accuracy goes from 20.00 % at 4/255 to "
+        "30.00 % at 8/255: the attack fails at the larger budget (masked or too weak), since a larger ε-ball "
+        "contains the smaller one"
+    )

@@ -329,6 +329,23 @@ def test_each_row_reseeds_so_attacks_are_repeatable(monkeypatch: pytest.MonkeyPa
     robustness_module.robustness(ctx, FakeDefense("inference", True))  # type: ignore[arg-type]
     torch.manual_seed(7)
     assert draws == [float(torch.rand(1))] * 4
+    draws.clear()
+    del ctx.params["seed"]  # a profile without a seed runs with seed 0
+    robustness_module.robustness(ctx, FakeDefense("inference", True))  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    assert draws == [float(torch.rand(1))] * 4
+
+
+def test_a_row_names_an_attack_without_a_name_by_its_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Nameless:
+        def __call__(self, model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x
+
+    monkeypatch.setattr(robustness_module, "robust_accuracy", lambda *args, **kwargs: (Accuracy(all=1.0), 0.0))
+    monkeypatch.setattr(robustness_module, "make_attack", lambda *args, **kwargs: Nameless())
+    ctx = fake_context([{"name": "pgd", "steps": 3}], ["1/255"], "1/255")
+    rows = robustness_module.robustness(ctx, FakeDefense("static", False))  # type: ignore[arg-type]
+    assert [(r.attack, r.norm) for r in rows] == [("Nameless", "linf")]
 
 
 # ---------------------------------------------------------------------------------------------------------

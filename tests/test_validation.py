@@ -366,3 +366,14 @@ def test_an_entry_says_why_it_has_no_reported_numbers(catalog_dir: Path) -> None
     assert problems_in(catalog_dir, "example.yaml") == []
     write_entry(catalog_dir, text=text.replace("sources:", "not_reported_reason: only plots\nsources:", 1))
     assert "keep one" in single(catalog_dir, "example.yaml").message
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [(1, "id"), (2, "name"), (3, "-"), (4, "norms"), (5, "eps"), (0, "-"), (6, "-"), (-1, "-")],
+)
+def test_the_key_written_on_a_line_is_found_from_the_first_line_to_the_last(line: int, key: str) -> None:
+    from vlmdefense.catalog.yaml_source import _key_on_line
+
+    text = "id: x\nname: y\n  # a comment\n  - norms: [linf]\n eps: 1"
+    assert _key_on_line(text, line) == key
