@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -374,11 +375,13 @@ def evaluate_with_rows(
     clean: float,
     audit_values: Sequence[float | None] = (),
     timing: tuple[float, float, float] = (0.001, 1.0, 0.0),
+    calls: dict[str, tuple[Any, ...]] | None = None,
+    defense: Defense | None = None,
     **context: Any,
 ) -> Any:
     """``harness.evaluate`` on a context whose measurements are given: clean accuracy, the robust rows, the
     robust accuracies the audit's checks reached at the headline ε, the inference timing and any context
-    attribute (``context``)."""
+    attribute (``context``). Each stand-in notes the arguments it was called with in ``calls``."""
     from vlmdefense.runs.records import Audit, AuditCheck, AuditStatus, Provenance
     from vlmdefense.workbench.evaluation import Timing
 
@@ -386,18 +389,24 @@ def evaluate_with_rows(
         AuditCheck(id=f"check-{i}", title="t", status=AuditStatus.PASS, detail="d", robust=value)
         for i, value in enumerate(audit_values)
     ]
-    monkeypatch.setattr(harness, "run_audit", lambda *a, **k: Audit(checks=checks, images=3, tolerance="none"))
-    monkeypatch.setattr(harness, "clean_accuracy", lambda *a, **k: Accuracy(all=clean))
-    monkeypatch.setattr(harness, "robustness", lambda ctx, defense: list(rows))
-    monkeypatch.setattr(harness, "time_inference", lambda *a, **k: Timing(*timing))
-    monkeypatch.setattr(harness, "_reported", lambda method, root: [])
-    monkeypatch.setattr(
-        harness,
-        "provenance",
-        lambda *a, **k: Provenance(
-            git_commit=None, dirty=None, versions={}, device="cpu", seed=0, started="now", duration_seconds=0.0
-        ),
+    calls = {} if calls is None else calls
+
+    def recorded(name: str, value: Any) -> Callable[..., Any]:
+        def stand_in(*args: Any, **kwargs: Any) -> Any:
+            calls[name] = (*args, *kwargs.values())
+            return value
+
+        return stand_in
+
+    monkeypatch.setattr(harness, "run_audit", recorded("run_audit", Audit(checks=checks, images=3, tolerance="none")))
+    monkeypatch.setattr(harness, "clean_accuracy", recorded("clean_accuracy", Accuracy(all=clean)))
+    monkeypatch.setattr(harness, "robustness", recorded("robustness", list(rows)))
+    monkeypatch.setattr(harness, "time_inference", recorded("time_inference", Timing(*timing)))
+    monkeypatch.setattr(harness, "_reported", recorded("_reported", []))
+    stored = Provenance(
+        git_commit=None, dirty=None, versions={}, device="cpu", seed=0, started="now", duration_seconds=0.0
     )
+    monkeypatch.setattr(harness, "provenance", recorded("provenance", stored))
     prompts = SimpleNamespace(
         seen_classes=SEEN, as_dict=lambda: {"classnames": ["a"], "templates": ["{name}"], "seen_classes": [0]}
     )
@@ -420,7 +429,7 @@ def evaluate_with_rows(
     )
     for key, value in context.items():
         setattr(ctx, key, value)
-    return harness.evaluate(ctx, FakeDefense("inference", False))  # type: ignore[arg-type]
+    return harness.evaluate(ctx, defense or FakeDefense("inference", False))  # type: ignore[arg-type]
 
 
 @settings(max_examples=40, deadline=None)
@@ -475,7 +484,7 @@ def test_the_record_says_what_the_context_and_the_measurements_said(monkeypatch:
         [],
         "8/255",
         90.0,
-        timing=(0.00123456789, 2.3456, 1.0049),
+        timing=(0.00123456789, 2.3456, 1.4567),
         params=params,
         train_seconds=12.3456,
         findings={"note": 1},
@@ -485,13 +494,91 @@ def test_the_record_says_what_the_context_and_the_measurements_said(monkeypatch:
     assert (result.method, result.profile, result.status) == ("synthetic", "quick", RunStatus.OK)
     assert result.parameters == params
     assert result.cost == Cost(
-        train_seconds=12.35, inference_seconds_per_image=0.001235, forward_passes=2.35, backward_passes=1.0
+        train_seconds=12.35, inference_seconds_per_image=0.001235, forward_passes=2.35, backward_passes=1.46
     )
     assert result.findings == {"note": 1} and result.detection == {"deployed": section}
     assert result.model is not None and result.model.name == "m" and result.model.pretrained is None
     assert result.model.card is not None and result.model.card.sha256 == "h" and result.model.card.parameters == 7
+    assert (result.model.card.recipe_key, result.model.card.metrics) == ("k", {"a": 1.0})
     assert result.dataset is not None
     assert (result.dataset.test, result.dataset.test_images) == ("test", 3)
     assert (result.dataset.transfer, result.dataset.transfer_images) == ("transfer", 5)
     assert result.dataset.seen_classes == list(SEEN)
     assert result.reported == [] and result.provenance is not None and result.audit is not None
+
+
+def test_evaluate_gives_each_measurement_the_run_s_own_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which predictor, sets, batch size, context and rows each measurement receives, what provenance is told, and
+    that a static defense's audit lowers the non-adaptive headline."""
+    from vlmdefense.runs.records import PromptRecord
+
+    calls: dict[str, tuple[Any, ...]] = {}
+    defense = FakeDefense("static", False)
+    rows = [
+        RobustEntry(
+            attack="PGD",
+            eps=Epsilon.parse("8/255"),
+            steps=1,
+            adaptive=False,
+            target="defended-model",
+            acc=Accuracy(all=40.0),
+        )
+    ]
+    monkeypatch.setenv("VLMDEFENSE_COMMAND", "vlmdefense run synthetic")
+    params = {"batch_size": 5, "model": {"name": "m", "pretrained": "openai"}, "seed": 3}
+    result = evaluate_with_rows(
+        monkeypatch,
+        rows,
+        "8/255",
+        90.0,
+        [25.0],
+        calls=calls,
+        defense=defense,
+        params=params,
+        clip=SimpleNamespace(pretrained="weights/openai.pt"),
+        start_time=time.perf_counter(),
+    )
+    ctx = calls["robustness"][0]
+    assert calls["robustness"] == (ctx, defense)
+    assert calls["clean_accuracy"] == (defense.predict, ctx.sets, 5)
+    assert calls["run_audit"] == (ctx, defense, Accuracy(all=90.0), rows)
+    assert calls["time_inference"] == (defense.predict, ctx.sets.test.images, defense.counter, 5)
+    assert calls["_reported"] == ("synthetic", ctx.root)
+    root, device, seed, started, duration, prompts, command = calls["provenance"]
+    assert (root, device, seed, started, command) == (ctx.root, "cpu", 3, "now", "vlmdefense run synthetic")
+    assert 0 <= duration < 60 and prompts == PromptRecord.model_validate(ctx.prompts.as_dict())
+    assert (result.headline.robust, result.headline.robust_adaptive, result.headline.lowered_by) == (
+        25.0,
+        None,
+        ["check-0"],
+    )
+    assert result.model.pretrained == "weights/openai.pt"  # the weights the run loaded, for a named tag
+
+
+def test_a_run_without_audit_seed_transfer_or_weights_records_each_absence(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict[str, tuple[Any, ...]] = {}
+    params = {"batch_size": 4, "model": {"name": "m", "pretrained": ""}, "audit": False}
+    sets = EvalSets(image_set(0, 3), None, SEEN)
+    result = evaluate_with_rows(
+        monkeypatch,
+        [],
+        "8/255",
+        90.0,
+        [1.0],
+        calls=calls,
+        params=params,
+        sets=sets,
+        clip=SimpleNamespace(pretrained="random"),
+    )
+    assert result.audit is None and "run_audit" not in calls
+    assert calls["provenance"][2] == 0  # no seed in the profile: seed 0
+    assert result.dataset is not None and (result.dataset.transfer, result.dataset.transfer_images) == (None, 0)
+    assert result.model is not None and result.model.pretrained == ""  # no weights were named: none recorded
+
+
+def test_a_parameter_the_record_cannot_hold_fails_before_any_attack(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: dict[str, tuple[Any, ...]] = {}
+    params = {"batch_size": 4, "model": {"name": "m", "pretrained": None}, "callback": object()}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        evaluate_with_rows(monkeypatch, [], "8/255", 90.0, calls=calls, params=params)
+    assert calls == {}
