@@ -54,14 +54,16 @@ schema: setup
 
 # Mutation testing (on demand, not in CI): mutmut over the modules that compute numbers ([tool.mutmut] in
 # pyproject.toml), with the fast tests that pin them, in a scratch copy of the committed tree so mutants never
-# touch this one. Long: about an hour on two cores for all ten modules (APGD's mutants are the slowest); narrow
-# only_mutate for a quicker pass. The small CLIP is trained once into .cache/mutation-model.
+# touch this one. mutmut forks each mutant's test run from a process that has run torch: with more than one
+# torch thread the fork inherits a dead OpenMP pool and hangs until mutmut's timeout, which counts it as killed.
+# One thread keeps every verdict honest (and the run fast). Narrow only_mutate for a quicker pass. The small CLIP
+# is trained once into .cache/mutation-model.
 MUTATION_DIR ?= .cache/mutation-tree
 mutation: setup
 	rm -rf $(MUTATION_DIR) && mkdir -p $(MUTATION_DIR)
 	git archive HEAD | tar -x -C $(MUTATION_DIR)
 	cd $(MUTATION_DIR) && PYTHONPATH=tests VLMDEFENSE_MUTATION_CACHE=$(CURDIR)/.cache/mutation-model \
-		$(CURDIR)/$(VENV)/bin/mutmut run; $(PY) tests/mutation_score.py $(MUTATION_DIR) --survivors
+		OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 VLMDEFENSE_THREADS=1 $(CURDIR)/$(VENV)/bin/mutmut run; $(PY) tests/mutation_score.py $(MUTATION_DIR) --survivors
 
 clean:
 	rm -rf $(VENV) site .pytest_cache
