@@ -547,11 +547,8 @@ def test_evaluate_gives_each_measurement_the_run_s_own_inputs(monkeypatch: pytes
     root, device, seed, started, duration, prompts, command = calls["provenance"]
     assert (root, device, seed, started, command) == (ctx.root, "cpu", 3, "now", "vlmdefense run synthetic")
     assert 0 <= duration < 60 and prompts == PromptRecord.model_validate(ctx.prompts.as_dict())
-    assert (result.headline.robust, result.headline.robust_adaptive, result.headline.lowered_by) == (
-        25.0,
-        None,
-        ["check-0"],
-    )
+    headline = result.headline
+    assert (headline.robust, headline.robust_adaptive, headline.lowered_by) == (25.0, None, ["check-0"])
     assert result.model.pretrained == "weights/openai.pt"  # the weights the run loaded, for a named tag
 
 
