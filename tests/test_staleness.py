@@ -148,6 +148,43 @@ def test_variant_records_are_reported_with_their_overrides(world: tuple[Path, Pa
     assert canonical == {"method": "tecoa", "profile": "smoke", "state": "ok", "changed": [], "variant": None}
 
 
+def test_a_missing_notebook_a_retired_profile_and_a_record_that_is_not_an_object_are_named(
+    world: tuple[Path, Path],
+) -> None:
+    root, package = world
+    (root / "notebooks" / "fare.ipynb").unlink()
+    assert state_report(root, "fare", "smoke", package_dir=package).as_dict() == {
+        "method": "fare",
+        "profile": "smoke",
+        "state": "stale",
+        "changed": ["notebook"],
+        "variant": None,
+    }
+    reproductions = root / "reproductions"
+    shutil.copytree(reproductions / "tecoa" / "smoke", reproductions / "tecoa" / "retired")
+    assert state_report(root, "tecoa", "retired", package_dir=package).as_dict() == {
+        "method": "tecoa",
+        "profile": "retired",
+        "state": "stale",
+        "changed": ["profile"],
+        "variant": None,
+    }
+    (reproductions / "baseline" / "smoke" / "result.json").write_text("[]", encoding="utf-8")
+    assert run_state(root, "baseline", "smoke", package_dir=package) is RunState.MISSING
+
+
+def test_a_method_s_own_parameters_stale_that_method_only(world: tuple[Path, Path]) -> None:
+    root, package = world
+    profiles = root / "reproductions" / "profiles.yaml"
+    text = profiles.read_text(encoding="utf-8")
+    profiles.write_text(text.replace("  methods:", "  methods:\n    tecoa: {n_test: 7}", 1), encoding="utf-8")
+    assert states(root, package) == {
+        "baseline": (RunState.OK, []),
+        "tecoa": (RunState.STALE, ["parameters"]),
+        "fare": (RunState.OK, []),
+    }
+
+
 def test_available_methods_are_the_notebooks_baseline_first_without_templates(tmp_path: Path) -> None:
     (tmp_path / "notebooks").mkdir()
     for name in ("zeta", "_template", "baseline", "alpha"):
