@@ -343,6 +343,7 @@ COERCIONS = [
     ("  modifies_weights: true", "  modifies_weights: On", "assumptions.modifies_weights"),
     ("    robust: 30.25", '    robust: "30.25"', "reported[0].robust"),
     ("    clean: 50.5", "    clean: true", "reported[0].clean"),
+    ("name: Example", "name: true", "name"),  # a boolean is not text, though a number in a text field is read as text
 ]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import VALID_ENTRY, write_entry
 from vlmdefense.catalog.validation import load_catalog, load_valid_catalog, unknown_id_message
-from vlmdefense.problems import Problem, ProblemsError
+from vlmdefense.problems import Problem, ProblemsError, display_path
 
 
 def valid_text(method_id: str = "example", related: str = "[]") -> str:
@@ -377,3 +377,35 @@ def test_the_key_written_on_a_line_is_found_from_the_first_line_to_the_last(line
 
     text = "id: x\nname: y\n  # a comment\n  - norms: [linf]\n eps: 1"
     assert _key_on_line(text, line) == key
+
+
+def test_a_number_in_a_text_field_keeps_its_source_text_and_the_document_is_untouched(catalog_dir: Path) -> None:
+    from vlmdefense.catalog.yaml_source import load_yaml_mapping
+
+    text = valid_text().replace("arxiv: 2401.00001", "arxiv: 2301.10210")  # YAML reads the float 2301.1021
+    path = write_entry(catalog_dir, text=text)
+    catalog, problems = load_catalog(catalog_dir)
+    assert problems == [] and catalog is not None
+    assert catalog.get("example").links.arxiv == "2301.10210"
+    doc = load_yaml_mapping(path)
+    assert doc.numbers_as_text[("links", "arxiv")] == "2301.10210" and ("name",) not in doc.numbers_as_text
+    assert doc.with_text_at([("links", "arxiv"), ("year",)]) == {
+        **doc.data,
+        "year": "2024",
+        "links": {**doc.data["links"], "arxiv": "2301.10210"},
+    }
+    assert doc.data["links"]["arxiv"] == 2301.1021 and doc.data["year"] == 2024  # the copy changed, not the data
+    nested = doc.with_text_at([("reported", 0, "robust")])
+    assert nested["reported"][0]["robust"] == "30.25" and doc.data["reported"][0]["robust"] == 30.25
+
+
+def test_locations_print_as_fields_and_an_unlocated_problem_sits_on_line_one(tmp_path: Path) -> None:
+    from vlmdefense.catalog.yaml_source import YamlDocument, format_loc, load_yaml_mapping
+
+    assert format_loc(("reported", 2, "eps")) == "reported[2].eps" and format_loc(()) == "-"
+    assert YamlDocument(tmp_path / "x.yaml", {}).line_of(("links", "arxiv")) == 1
+    with pytest.raises(ProblemsError) as raised:
+        load_yaml_mapping(tmp_path / "missing.yaml")
+    assert [str(p) for p in raised.value.problems] == [
+        f"{display_path(tmp_path / 'missing.yaml')}:1: -: cannot read file: No such file or directory"
+    ]
