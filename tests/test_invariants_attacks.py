@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -328,3 +329,103 @@ def test_bpda_is_the_step_forward_and_the_identity_backward(seed: int) -> None:
     assert torch.equal(out.detach(), quantise(x.detach()))
     (out * upstream).sum().backward()
     assert x.grad is not None and torch.equal(x.grad, upstream)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What each attack hands torchattacks, and that a real budget is used.
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_fools_a_linear_model_at_a_real_budget(norm: str) -> None:
+    model = linear_model(0)
+    images, _ = random_batch(1, n=32)
+    labels = model(images).argmax(-1)  # every image starts correctly classified
+    eps = 0.5 if norm == "linf" else 4.0
+    adversarial = APGD(eps=eps, steps=10, norm=norm)(model, images, labels)  # type: ignore[arg-type]
+    assert float((model(adversarial).argmax(-1) == labels).float().mean()) < 0.5
+    single = APGDT(eps=0.5, steps=10)(model, images[2:3], labels[2:3])  # one image is attacked too
+    assert not torch.equal(single, images[2:3])
+
+
+class SpyAttack:
+    """Stands in for a torchattacks class: notes its model and options, returns the images moved by +1."""
+
+    seen: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        SpyAttack.seen = {"model": model, **options}
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return images + 1.0
+
+
+@pytest.mark.parametrize(("norm", "name"), [("linf", "Linf"), ("l2", "L2")])
+def test_apgd_hands_torchattacks_its_norm_budget_and_options_and_projects_the_answer(
+    monkeypatch: pytest.MonkeyPatch, norm: str, name: str
+) -> None:
+    import torchattacks
+
+    monkeypatch.setattr(torchattacks, "APGD", SpyAttack)
+    monkeypatch.setattr(torchattacks, "APGDT", SpyAttack)
+    model = linear_model(0)
+    images, labels = random_batch(2)
+    adversarial = APGD(eps=0.25, steps=7, norm=norm, restarts=3, seed=5)(model, images, labels)  # type: ignore[arg-type]
+    seen = SpyAttack.seen
+    assert (seen["norm"], seen["eps"], seen["steps"], seen["n_restarts"], seen["seed"]) == (name, 0.25, 7, 3, 5)
+    assert seen["loss"] == "ce"
+    check_budget(adversarial, images, 0.25, norm)  # images + 1 projected back onto the ball and [0, 1]
+    APGDT(eps=0.25, steps=7, norm=norm, n_targets=9)(model, images, labels)  # type: ignore[arg-type]
+    seen = SpyAttack.seen
+    assert (seen["norm"], seen["eps"], seen["n_restarts"], seen["n_classes"]) == (name, 0.25, 1, CLASSES)
+    APGDT(eps=0.25, steps=7, norm=norm, n_targets=2)(model, images, labels)  # type: ignore[arg-type]
+    assert SpyAttack.seen["n_classes"] == 3  # the true class and two targets
+
+
+def test_torchattacks_sees_one_frozen_parameter_on_the_images_device() -> None:
+    """torchattacks reads the device from the model's first parameter: the wrapper's anchor."""
+    from vlmdefense.workbench.attacks import _CallableModule
+
+    model = linear_model(0)
+    (anchor,) = list(_CallableModule(lambda x: model(x), torch.device("meta")).parameters())
+    assert anchor.device.type == "meta" and anchor.shape == (1,) and not anchor.requires_grad
+    wrapped = _CallableModule(model, torch.device("cpu"))
+    assert next(wrapped.parameters()) is wrapped._anchor  # first, before the wrapped module's own
+
+
+def test_random_starts_fill_the_linf_box_and_draw_an_l2_radius_per_image() -> None:
+    torch.manual_seed(0)
+    images = torch.full((64, *SHAPE), 0.5)
+    box = random_start(images, 0.1, "linf") - images
+    assert float(box.abs().max()) <= 0.1 + 1e-6 and float(box.max()) > 0.09 and float(box.min()) < -0.09
+    assert float(box.flatten(1).norm(dim=1).min()) > 0.1  # a box corner region, not the L2 ball
+    ball = random_start(images, 0.1, "l2") - images
+    radii = ball.flatten(1).norm(dim=1)
+    assert float(radii.max()) <= 0.1 + 1e-6 and len(set(radii.round(decimals=5).tolist())) == len(images)
+    meta = torch.empty(2, *SHAPE, device="meta")
+    assert random_start(meta, 0.1, "l2").device.type == "meta"
+
+
+def test_one_gradient_draw_by_default() -> None:
+    calls: list[int] = []
+    model = linear_model(0)
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return model(x)
+
+    images, labels = random_batch(0)
+    input_gradient(counted, images, labels)
+    objective_gradient(cross_entropy_objective(counted, labels), images)
+    assert calls == [len(images), len(images)]
+
+
+def test_pgd_leaves_pixels_the_model_ignores_where_they_were() -> None:
+    """A pixel with zero gradient has no ascent direction: without a random start PGD must not move it."""
+    model = linear_model(0)
+
+    def first_channel_only(x: torch.Tensor) -> torch.Tensor:
+        return model(torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], dim=1))
+
+    images, labels = random_batch(4)
+    adversarial = PGD(eps=0.1, steps=3, random_start=False)(first_channel_only, images, labels)
+    assert torch.equal(adversarial[:, 1:], images[:, 1:]) and not torch.equal(adversarial[:, :1], images[:, :1])
