@@ -579,3 +579,66 @@ def test_a_parameter_the_record_cannot_hold_fails_before_any_attack(monkeypatch:
     with pytest.raises(TypeError, match="not JSON serializable"):
         evaluate_with_rows(monkeypatch, [], "8/255", 90.0, calls=calls, params=params)
     assert calls == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing, splits without seen classes, and the zero-shot classifier.
+
+
+def test_seconds_per_image_are_the_elapsed_time_over_the_images() -> None:
+    import time as clock
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        clock.sleep(0.02)
+        return x.flatten(1)[:, :CLASSES]
+
+    for n in (1, 5):
+        images = image_set(0, n).images
+        started = clock.perf_counter()
+        timing = time_inference(slow, images, batch_size=2)
+        elapsed = clock.perf_counter() - started
+        batches = (n + 1) // 2
+        assert 0.02 * batches / n <= timing.seconds_per_image <= elapsed / n
+    sets = sets_for(0, 4)
+    started = clock.perf_counter()
+    _, seconds = robust_accuracy(slow, slow, lambda model, x, y: x, sets, batch_size=8)
+    assert 0.04 <= seconds <= clock.perf_counter() - started  # one batch of test and one of transfer images
+
+
+def test_without_seen_classes_there_is_no_seen_or_unseen_split() -> None:
+    accuracy = split_accuracy(torch.tensor([True, False]), torch.tensor([0, 1]), [])
+    assert (accuracy.all, accuracy.seen, accuracy.unseen, accuracy.transfer) == (50.0, None, None, None)
+
+
+class FakeClip:
+    """A LoadedClip stand-in: text embeddings from a table, images embedded by their first pixels."""
+
+    def __init__(self, table: dict[str, list[float]], logit_scale: float) -> None:
+        self.table = table
+        self.model = nn.Linear(2, 2)
+        self.model.logit_scale = nn.Parameter(torch.tensor(logit_scale).log())  # type: ignore[assignment]
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.tensor([self.table[t] for t in texts]), dim=-1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(images.flatten(1)[:, :2], dim=-1)
+
+
+def test_the_zero_shot_classifier_ensembles_prompts_and_scales_cosines() -> None:
+    from vlmdefense.workbench.evaluation import ZeroShotClassifier, text_classifier_weights
+
+    table = {"a 0": [1.0, 0.0], "b 0": [1.0, 1.0], "a 1": [0.0, 1.0], "b 1": [0.0, 3.0]}
+    prompts = SimpleNamespace(classnames=["zero", "one"], prompts=lambda i: [f"a {i}", f"b {i}"])
+    clip = FakeClip(table, logit_scale=10.0)
+    mean = (torch.tensor([1.0, 0.0]) + torch.tensor([1.0, 1.0]) / 2**0.5) / 2
+    expected = torch.stack([mean / mean.norm(), torch.tensor([0.0, 1.0])])
+    weights = text_classifier_weights(clip, prompts)  # type: ignore[arg-type]
+    assert torch.allclose(weights, expected, atol=1e-6)
+    classifier = ZeroShotClassifier(clip, prompts)  # type: ignore[arg-type]
+    assert classifier.clip is clip and classifier.prompts is prompts and classifier.logit_scale == pytest.approx(10.0)
+    assert any(p is clip.model.weight for p in classifier.parameters())  # the CLIP's weights are registered
+    images = torch.tensor([[[[3.0]], [[4.0]]]])  # one 2-pixel image: unit embedding (0.6, 0.8)
+    assert torch.allclose(classifier(images), 10.0 * torch.tensor([0.6, 0.8]) @ expected.T, atol=1e-5)
+    tuned = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    assert torch.equal(ZeroShotClassifier(clip, prompts, tuned).text_weights, tuned)  # type: ignore[arg-type]
