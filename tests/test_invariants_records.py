@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -105,13 +106,19 @@ def test_a_reader_sees_the_old_file_until_the_rename(
     real_replace = os.replace
     seen: list[tuple[str, str, str]] = []
 
+    names: list[str] = []
+
     def spy(src: Any, dst: Any) -> None:
         seen.append((Path(src).parent.name, Path(dst).read_text(encoding="utf-8"), Path(src).read_text("utf-8")))
+        names.append(Path(src).name)
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", spy)
     WRITERS[writer](target, {"new": 1})
     assert len(seen) == 1
+    # staged hidden, named after its target and ending in .tmp: a write killed before the rename leaves a file
+    # that no glob for records (result.json, *.json) picks up and that a reader recognises
+    assert re.fullmatch(r"\.result\.json\.[^.]+\.tmp", names[0]), names[0]
     folder, before, staged = seen[0]
     assert folder == tmp_path.name and before == "old" and json.loads(staged) == {"new": 1}
     assert json.loads(target.read_text(encoding="utf-8")) == {"new": 1}
