@@ -409,3 +409,73 @@ def test_locations_print_as_fields_and_an_unlocated_problem_sits_on_line_one(tmp
     assert [str(p) for p in raised.value.problems] == [
         f"{display_path(tmp_path / 'missing.yaml')}:1: -: cannot read file: No such file or directory"
     ]
+
+
+def test_every_catalog_level_problem_reads_in_full(catalog_dir: Path) -> None:
+    """What ``vlmdefense validate`` prints for each misplaced file, broken link and unknown name, line for line."""
+    from vlmdefense.catalog.validation import load_taxonomy
+
+    shown = display_path
+    (catalog_dir / ".DS_Store").write_text("", encoding="utf-8")  # hidden files are not entries ...
+    (catalog_dir / "training-time" / ".example.yaml.swp").write_text("", encoding="utf-8")
+    (catalog_dir / "training-time" / "notes.txt").write_text("", encoding="utf-8")  # ... other files are named
+    (catalog_dir / "stray.yaml").write_text("id: stray\n", encoding="utf-8")
+    write_entry(catalog_dir, "lost", paradigm="training-tim")
+    write_entry(catalog_dir, "selfish", related="[selfish]")
+    write_entry(catalog_dir, "one-way", related="[example]")
+    odd = valid_text("odd").replace("family: adversarial-fine-tuning", "family: zzz")
+    write_entry(catalog_dir, "odd", text=odd)
+    for folder in ("training-free", "test-time-adaptation", "training-time"):
+        write_entry(catalog_dir, "twin", paradigm=folder, text=valid_text("twin"))
+    catalog, problems = load_catalog(catalog_dir)
+    assert catalog is not None and catalog.root == catalog_dir and catalog.taxonomy == load_taxonomy(catalog_dir)
+    assert "example" in catalog.items and "one-way" in catalog.items  # the catalog goes on after each problem
+    text = valid_text("one-way", related="[example]")
+    families = ", ".join(catalog.taxonomy.families_of("training-time"))
+    twins = [
+        catalog_dir / folder / "twin.yaml" for folder in ("test-time-adaptation", "training-free", "training-time")
+    ]
+    expected = {
+        f"{shown(catalog_dir / 'stray.yaml')}:1: -: entries belong in a paradigm folder: catalog/<paradigm>/<id>.yaml",
+        f"{shown(catalog_dir / 'training-tim')}:1: -: unknown paradigm folder (expected one of: "
+        "test-time-adaptation, training-free, training-time)",
+        f"{shown(catalog_dir / 'training-time' / 'notes.txt')}:1: -: not a catalog entry: entries end in .yaml",
+        f"{shown(catalog_dir / 'training-time' / 'selfish.yaml')}:{line_of(text, 'related:')}: related[0]: "
+        "an entry cannot be related to itself",
+        f"{shown(catalog_dir / 'training-time' / 'one-way.yaml')}:{line_of(text, 'related:')}: related[0]: "
+        "'example' does not list 'one-way' back under related (related entries are linked both ways)",
+        f"{shown(catalog_dir / 'training-time' / 'odd.yaml')}:{line_of(odd, 'family:')}: family: "
+        f"unknown family 'zzz' (one of: {families})",
+        f"{shown(twins[0])}:1: id: duplicate id 'twin' (also in {shown(twins[1])}, {shown(twins[2])})",
+        f"{shown(twins[2])}:1: id: duplicate id 'twin' (also in {shown(twins[0])}, {shown(twins[1])})",
+    }
+    printed = {str(p) for p in problems}
+    assert expected <= printed, sorted(expected - printed)
+    assert not any(".DS_Store" in line or ".swp" in line for line in printed)
+
+
+def test_a_missing_catalog_or_taxonomy_is_named(tmp_path: Path) -> None:
+    from vlmdefense.catalog.validation import load_taxonomy
+
+    assert [str(p) for p in load_catalog(tmp_path / "none")[1]] == [
+        f"{display_path(tmp_path / 'none')}:1: -: catalog directory not found"
+    ]
+    with pytest.raises(ProblemsError) as raised:
+        load_taxonomy(tmp_path)
+    assert [str(p) for p in raised.value.problems] == [
+        f"{display_path(tmp_path / 'taxonomy.yaml')}:1: -: taxonomy file not found"
+    ]
+
+
+def test_the_survey_is_checked_against_the_catalog_s_taxonomy(catalog_dir: Path) -> None:
+    from conftest import REPO
+
+    text = (REPO / "catalog" / "survey.yaml").read_text(encoding="utf-8")
+    moved = text.replace("      - adversarial-fine-tuning\n", "      - test-time-prompt-tuning\n", 1)
+    (catalog_dir / "survey.yaml").write_text(moved, encoding="utf-8")
+    _, problems = load_catalog(catalog_dir)
+    line = line_of(moved, "      - test-time-prompt-tuning")
+    assert [str(p) for p in problems] == [
+        f"{display_path(catalog_dir / 'survey.yaml')}:{line}: paradigms[0].our_families[0]: "
+        "family 'test-time-prompt-tuning' is not in paradigm 'training-time' of the taxonomy"
+    ]
