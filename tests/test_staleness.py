@@ -223,3 +223,23 @@ def test_status_json_lists_every_method_and_profile() -> None:
     assert sorted({r["method"] for r in rows}) == notebooks
     assert len(rows) == len(notebooks) * len(profiles)
     assert {r["state"] for r in rows} <= {"ok", "stale", "failed", "missing"}
+
+
+def test_module_names_of_packages_and_modules() -> None:
+    from vlmdefense.runs.code_digest import module_name
+
+    assert module_name(PACKAGE_DIR / "runs" / "__init__.py") == "vlmdefense.runs"
+    assert module_name(PACKAGE_DIR / "runs" / "staleness.py") == "vlmdefense.runs.staleness"
+    assert module_name(PACKAGE_DIR / "__init__.py") == "vlmdefense"
+
+
+def test_a_renamed_data_file_changes_the_library_digest(tmp_path: Path) -> None:
+    """The digest covers each file's place as well as its bytes: the code reads data files by name."""
+    from vlmdefense.runs.code_digest import library_digest
+
+    package = tmp_path / "vlmdefense"
+    shutil.copytree(PACKAGE_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    notebook = REPO / "notebooks" / "tecoa.ipynb"
+    before = library_digest(notebook, "tecoa", package)
+    (package / "data" / "digits.yaml").rename(package / "data" / "digits2.yaml")
+    assert library_digest(notebook, "tecoa", package) != before
