@@ -243,3 +243,21 @@ def test_a_renamed_data_file_changes_the_library_digest(tmp_path: Path) -> None:
     before = library_digest(notebook, "tecoa", package)
     (package / "data" / "digits.yaml").rename(package / "data" / "digits2.yaml")
     assert library_digest(notebook, "tecoa", package) != before
+
+
+def test_the_closure_follows_relative_imports_from_modules_and_packages(tmp_path: Path) -> None:
+    """The library itself imports absolutely; a contributor's module may not, and its imports still count."""
+    package = tmp_path / "vlmdefense"
+    files = {
+        "__init__.py": "",
+        "a/__init__.py": "from . import b\n",
+        "a/b.py": "from .c import helper\n",
+        "a/c.py": "def helper():\n    from ..d import thing\n",
+        "d.py": "thing = 1\n",
+        "e.py": "",
+    }
+    for name, source in files.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(source, encoding="utf-8")
+    found = {str(p.relative_to(package)) for p in closure(["vlmdefense.a"], package)}
+    assert found == {"__init__.py", "a/__init__.py", "a/b.py", "a/c.py", "d.py"}
