@@ -116,7 +116,7 @@ def test_the_default_operating_point_is_five_percent_and_a_given_one_is_used() -
 
 @pytest.mark.parametrize("fpr", [1.0, 1.5, -0.01])
 def test_the_operating_point_must_be_a_rate_below_one(fpr: float) -> None:
-    with pytest.raises(ValueError, match=r"needs clean scores and 0 <= fpr < 1"):
+    with pytest.raises(ValueError, match=r"^threshold_at_fpr needs clean scores and 0 <= fpr < 1$"):
         m.threshold_at_fpr([0.1, 0.2], fpr)
 
 

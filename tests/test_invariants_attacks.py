@@ -348,7 +348,7 @@ def test_apgd_fools_a_linear_model_at_a_real_budget(norm: str) -> None:
 
 
 class SpyAttack:
-    """Stands in for a torchattacks class: notes its model and options, returns the images moved by +1."""
+    """Stands in for a torchattacks class: notes its model and options, returns images outside [0, 1]."""
 
     seen: ClassVar[dict[str, Any]] = {}
 
@@ -356,7 +356,7 @@ class SpyAttack:
         SpyAttack.seen = {"model": model, **options}
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return images + 1.0
+        return images + (2 * images - 1)  # dark pixels pushed below 0, bright ones above 1
 
 
 @pytest.mark.parametrize(("norm", "name"), [("linf", "Linf"), ("l2", "L2")])
@@ -373,7 +373,7 @@ def test_apgd_hands_torchattacks_its_norm_budget_and_options_and_projects_the_an
     seen = SpyAttack.seen
     assert (seen["norm"], seen["eps"], seen["steps"], seen["n_restarts"], seen["seed"]) == (name, 0.25, 7, 3, 5)
     assert seen["loss"] == "ce"
-    check_budget(adversarial, images, 0.25, norm)  # images + 1 projected back onto the ball and [0, 1]
+    check_budget(adversarial, images, 0.25, norm)  # projected back onto the ball and [0, 1]
     APGDT(eps=0.25, steps=7, norm=norm, n_targets=9)(model, images, labels)  # type: ignore[arg-type]
     seen = SpyAttack.seen
     assert (seen["norm"], seen["eps"], seen["n_restarts"], seen["n_classes"]) == (name, 0.25, 1, CLASSES)

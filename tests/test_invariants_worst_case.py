@@ -164,3 +164,13 @@ def test_every_surface_is_attacked_from_the_same_seed(seed: int | None) -> None:
     else:
         surface_worst_case(model, surfaces, sets, attack, batch_size=8, seed=seed)  # type: ignore[arg-type]
     assert attack.draws == [first_draw(0 if seed is None else seed)] * 3
+
+
+def test_per_example_worst_defaults_to_seed_0_names_nameless_attacks_by_run_and_needs_a_run() -> None:
+    sets = EvalSets(images_for([0, 1]), None, SEEN)
+    attack = Drawing()
+    del attack.name  # an attack without a name is reported under its run's name
+    outcome = per_example_worst(model, {"jpeg-q50": (model, attack)}, sets, batch_size=4)
+    assert attack.draws == [first_draw(0)] and outcome["attack"] == "jpeg-q50"
+    with pytest.raises(ValueError, match=r"^per_example_worst: no attack runs$"):
+        per_example_worst(model, {}, sets, batch_size=4)
