@@ -479,3 +479,11 @@ def test_the_survey_is_checked_against_the_catalog_s_taxonomy(catalog_dir: Path)
         f"{display_path(catalog_dir / 'survey.yaml')}:{line}: paradigms[0].our_families[0]: "
         "family 'test-time-prompt-tuning' is not in paradigm 'training-time' of the taxonomy"
     ]
+
+
+def test_validation_logs_what_it_read_at_debug_level(catalog_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_entry(catalog_dir, "second")
+    (catalog_dir / "stray.txt").write_text("", encoding="utf-8")
+    with caplog.at_level("DEBUG", logger="vlmdefense.catalog.validation"):
+        load_catalog(catalog_dir)
+    assert caplog.messages == ["validated 2 files, 1 problems"]
