@@ -261,3 +261,15 @@ def test_the_closure_follows_relative_imports_from_modules_and_packages(tmp_path
         (package / name).write_text(source, encoding="utf-8")
     found = {str(p.relative_to(package)) for p in closure(["vlmdefense.a"], package)}
     assert found == {"__init__.py", "a/__init__.py", "a/b.py", "a/c.py", "d.py"}
+
+
+def test_a_profile_filter_skips_other_variants_without_stopping(world: tuple[Path, Path]) -> None:
+    root, package = world
+    for method, profile in (("fare", "paper"), ("tecoa", "smoke")):  # fare's folder sorts first
+        folder = variant_dir(root, method, profile, {"seed": 1})
+        write_variant_file(folder, method, profile, {"seed": 1})
+    assert [(r.method, r.profile, r.state) for r in variant_reports(root, ["smoke"], package)] == [
+        ("tecoa", "smoke", RunState.MISSING)
+    ]
+    canonical = state_report(root, "tecoa", "smoke", {"seed": 1}, package, canonical=True)
+    assert (canonical.variant, canonical.overrides) == (None, None)  # the canonical record carries no overrides
