@@ -273,3 +273,23 @@ def test_a_profile_filter_skips_other_variants_without_stopping(world: tuple[Pat
     ]
     canonical = state_report(root, "tecoa", "smoke", {"seed": 1}, package, canonical=True)
     assert (canonical.variant, canonical.overrides) == (None, None)  # the canonical record carries no overrides
+
+
+def test_a_variant_s_report_names_its_slug_and_an_old_record_says_unrecorded(world: tuple[Path, Path]) -> None:
+    root, package = world
+    overrides = {"n_test": 10}
+    report = state_report(root, "tecoa", "smoke", overrides, package)
+    slug = variant_dir(root, "tecoa", "smoke", overrides).name
+    assert report.as_dict() == {
+        "method": "tecoa",
+        "profile": "smoke",
+        "state": "missing",
+        "changed": [],
+        "variant": slug,
+        "overrides": overrides,
+    }
+    path = root / "reproductions" / "fare" / "smoke" / "result.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["run"] = {"input_hash": "written-before-inputs-were-recorded"}
+    path.write_text(json.dumps(record), encoding="utf-8")
+    assert states(root, package)["fare"] == (RunState.STALE, ["unrecorded"])
